@@ -1,0 +1,163 @@
+"""The ``metakd-run`` console script: compose and validate the config, run the pipeline.
+
+It returns the validation metric so that Hydra's sweepers (Optuna) can optimise it. A user's
+mistake ends in one line on stderr and exit status 2, before any training and with nothing
+half-written left behind; a traceback means a bug of ours.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metakd_run.checkpoint import CheckpointError
+from metakd_run.config import ConfigError, register_configs, validate
+from metakd_run.training import Interrupted, TrainingDiverged
+
+register_configs()
+
+
+def _config_dir() -> str:
+    """``configs/`` of a source checkout, else the copy installed inside the package."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "configs"
+    if (checkout / "config.yaml").is_file() and (here.parent / "pyproject.toml").is_file():
+        return str(checkout)
+    return "pkg://metakd_run.configs"
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from metakd_run.data.errors import DataError
+
+    return (ConfigError, CheckpointError, DataError)
+
+
+class UserError(Exception):
+    """Raised to the console entry point with the one line to print and the exit status."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    try:
+        return run(cfg, run_dir)
+    except UserError as err:
+        if multirun:  # one bad cell of a grid must not end the sweep: the summary reports it
+            _write_error(run_dir, str(err))
+            raise
+        raise
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Validate, then run the experiment; translate user-facing failures into ``UserError``."""
+    fresh_dir = run_dir
+    started = False
+    try:
+        if cfg.train.resume:
+            cfg, run_dir = resume_config(cfg.train.resume)
+        validate(cfg)
+        if cfg.threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        from metakd_run.pipeline import Experiment
+        from metakd_run.report import print_summary
+
+        experiment = Experiment(cfg, run_dir)
+        experiment.prepare()
+        started = True
+        summary = experiment.run()
+        if fresh_dir != run_dir:
+            _discard(fresh_dir)
+        print_summary(summary, run_dir)
+        return float(summary["objective"])
+    except _user_errors() as err:
+        if not started or fresh_dir != run_dir:
+            _discard(fresh_dir)
+        raise UserError(str(err)) from err
+    except TrainingDiverged as err:
+        raise UserError(str(err), status=1) from err
+    except Interrupted as err:
+        raise UserError(
+            f"{err}. Resume with: metakd-run train.resume={run_dir}", status=128 + err.signum
+        ) from err
+
+
+def resume_config(folder: str) -> tuple[DictConfig, Path]:
+    """The saved config of the run in ``folder``, so a resumed run is the same run."""
+    run_dir = Path(folder).expanduser()
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(
+            f"train.resume={folder} holds no metakd-run run (no .hydra/config.yaml there): name a "
+            "run folder such as outputs/<date>/<time>"
+        )
+    cfg = OmegaConf.load(saved)
+    assert isinstance(cfg, DictConfig)
+    cfg.train.resume = None
+    OmegaConf.set_struct(cfg, True)
+    return cfg, run_dir
+
+
+def _discard(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but Hydra's bookkeeping (and our logs)."""
+    keep = {".hydra", "main.log", "cli.log"}
+    if run_dir.is_dir() and all(p.name in keep or p.name.startswith("events.out") for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _write_error(run_dir: Path, message: str) -> None:
+    if run_dir.is_dir() or run_dir.parent.is_dir():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(message + "\n")
+
+
+def _compact(err: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line that still names the key."""
+    skip = ("full_key", "object_type", "reference_type", "Set the environment variable")
+    parts: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            if line and not line.startswith(skip) and line not in parts:
+                parts.append(line)
+        e = e.__cause__
+    return " ".join(p if p.endswith((".", ":")) else p + ";" for p in parts).rstrip(";")
+
+
+def entry() -> Any:
+    """Console script: Hydra's errors are re-raised to us (HYDRA_FULL_ERROR) and shown as one line."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return main()
+    except UserError as err:
+        print(f"metakd-run: error: {err}", file=sys.stderr)
+        sys.exit(err.status)
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"metakd-run: error: {_compact(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    entry()

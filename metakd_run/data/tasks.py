@@ -1,0 +1,75 @@
+"""The one type every data set yields: a batch of tasks with a leading task dimension."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Support and query sets of T tasks, stacked so the meta core can vmap over dim 0.
+
+    Shapes: ``support_x`` is ``[T, S, *input]``, ``support_y`` is ``[T, S, *target]`` (float
+    targets for regression, int64 class indices for classification), likewise the query set.
+    ``transfer_x`` holds optional unlabelled inputs ``[T, U, *input]`` used only by distillation.
+    ``info`` carries per-task facts the plots need (e.g. the sinusoid's amplitude and phase).
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    transfer_x: Tensor | None = None
+    info: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
+        """Move every tensor; ``dtype`` applies to floating-point inputs and targets only."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype, non_blocking=True)
+            return t.to(device=device, non_blocking=True)
+
+        kwargs = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "info"}
+        return TaskBatch(**kwargs, info={k: v.to(device) for k, v in self.info.items()})
+
+    def slice(self, start: int, stop: int) -> TaskBatch:
+        """Tasks ``start:stop`` (a view, no copy)."""
+        cut = slice(start, stop)
+        return replace(
+            self,
+            support_x=self.support_x[cut],
+            support_y=self.support_y[cut],
+            query_x=self.query_x[cut],
+            query_y=self.query_y[cut],
+            transfer_x=None if self.transfer_x is None else self.transfer_x[cut],
+            info={k: v[cut] for k, v in self.info.items()},
+        )
+
+    def chunks(self, size: int) -> list[TaskBatch]:
+        """Split into consecutive pieces of at most ``size`` tasks (``size <= 0``: one piece)."""
+        if size <= 0 or size >= self.num_tasks:
+            return [self]
+        return [self.slice(i, min(i + size, self.num_tasks)) for i in range(0, self.num_tasks, size)]
+
+    @staticmethod
+    def cat(batches: list[TaskBatch]) -> TaskBatch:
+        """Concatenate along the task dimension."""
+        first = batches[0]
+        return TaskBatch(
+            support_x=torch.cat([b.support_x for b in batches]),
+            support_y=torch.cat([b.support_y for b in batches]),
+            query_x=torch.cat([b.query_x for b in batches]),
+            query_y=torch.cat([b.query_y for b in batches]),
+            transfer_x=None if first.transfer_x is None else torch.cat([b.transfer_x for b in batches]),  # type: ignore[misc]
+            info={k: torch.cat([b.info[k] for b in batches]) for k in first.info},
+        )

@@ -1,0 +1,226 @@
+"""The meta-training loop of one stage: sample, meta-step, validate, checkpoint, resume, stop.
+
+The loop is the same for the teacher, the distilled student and the baseline student; what
+differs is the ``step`` function (plain MAML or meta-distillation) and the module saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from metakd_run.checkpoint import load, load_state, save_atomic
+from metakd_run.data.tasks import TaskBatch
+from metakd_run.evaluate import adaptation_curves, mean_ci
+from metakd_run.meta.maml import MAML
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The meta-loss became NaN or infinite: one line names the stage, iteration and checkpoint."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived: a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between meta-iterations."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some launchers): no handler
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class StageSpec:
+    """Everything one stage needs; built by the pipeline from the config."""
+
+    name: str
+    module: nn.Module  # all trainable state of the stage (learner, projections)
+    learner: MAML  # the learner validated and evaluated
+    step: Callable[[TaskBatch], dict[str, float]]
+    source: Any  # training task source
+    val_tasks: list[TaskBatch]
+    iterations: int
+    meta_batch: int
+    outer_lr: float
+    transfer: int
+    task_seed: int
+    checkpoint_dir: Path
+    val_every: int
+    log_every: int
+    checkpoint_every: int
+    device: torch.device
+    dtype: torch.dtype
+    progress: bool = True
+    extra_state: dict[str, Any] = field(default_factory=dict)
+    on_gradients: Callable[[nn.Module], None] | None = None
+    is_main: bool = True
+
+
+def validation_metric(learner: MAML, tasks: list[TaskBatch], device, dtype) -> tuple[str, float, bool]:  # noqa: ANN001
+    """The metric that picks the best checkpoint: query accuracy or loss after the inner steps."""
+    curves = adaptation_curves(learner, tasks, learner.cfg.inner_steps, device, dtype)
+    if "accuracy" in curves:
+        return "accuracy", mean_ci(curves["accuracy"][-1])[0], True
+    return "mse", mean_ci(curves["task_loss"][-1])[0], False
+
+
+def last_path(spec: StageSpec) -> Path:
+    return spec.checkpoint_dir / f"{spec.name}_last.pt"
+
+
+def final_path(checkpoint_dir: Path, stage: str) -> Path:
+    return checkpoint_dir / f"{stage}.pt"
+
+
+def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
+    """Meta-train one stage (resuming from its last checkpoint if there is one)."""
+    params = [p for p in spec.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=spec.outer_lr)
+    generator = torch.Generator().manual_seed(spec.task_seed)
+    start, best, best_state, elapsed = 0, None, None, 0.0
+    history: list[dict[str, float]] = []
+    resume_file = last_path(spec)
+    if resume_file.exists():
+        state = load(resume_file)
+        load_state(spec.module, state["module"], f"checkpoint {resume_file}")
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["rng"]["tasks"])
+        _set_global_rng(state["rng"])
+        start, best, best_state = state["iteration"], state["best"], state["best_state"]
+        elapsed, history = state["elapsed"], state["history"]
+        log.info("%s: resumed from %s at iteration %d", spec.name, resume_file, start)
+
+    def save_last(iteration: int) -> Path:
+        return save_atomic(
+            {
+                "stage": spec.name,
+                "iteration": iteration,
+                "module": spec.module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "best": best,
+                "best_state": best_state,
+                "elapsed": elapsed,
+                "history": history,
+                "rng": {"tasks": generator.get_state(), **_global_rng()},
+            },
+            resume_file,
+        )
+
+    bar = tqdm(
+        total=spec.iterations,
+        initial=start,
+        desc=spec.name,
+        disable=not (spec.progress and spec.is_main),
+        dynamic_ncols=True,
+        leave=True,
+    )
+    tic = time.perf_counter()
+    metric_name = "metric"
+    for it in range(start, spec.iterations):
+        batch = spec.source.sample(spec.meta_batch, generator, spec.transfer).to(spec.device, spec.dtype)
+        optimizer.zero_grad(set_to_none=True)
+        metrics = spec.step(batch)
+        if not math.isfinite(metrics["loss"]):
+            where = resume_file if resume_file.exists() else "none yet"
+            raise TrainingDiverged(
+                f"stage {spec.name}: the meta-loss became {metrics['loss']} at iteration {it + 1}; "
+                f"last good checkpoint: {where}. Lower meta.outer_lr or meta.inner_lr and resume"
+            )
+        if spec.on_gradients is not None:
+            spec.on_gradients(spec.module)
+        optimizer.step()
+        done = it + 1
+        if spec.is_main and (done % spec.log_every == 0 or done == spec.iterations):
+            tracker.scalars(f"{spec.name}/train", metrics, done)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        bar.update(1)
+        if done % spec.val_every == 0 or done == spec.iterations:
+            metric_name, value, higher = validation_metric(
+                spec.learner, spec.val_tasks, spec.device, spec.dtype
+            )
+            history.append({"iteration": done, metric_name: value})
+            if spec.is_main:
+                tracker.scalars(f"{spec.name}/val", {metric_name: value}, done)
+            if best is None or (value > best if higher else value < best):
+                best, best_state = value, copy.deepcopy(spec.module.state_dict())
+        stopping = stop.signum is not None
+        if spec.is_main and (done % spec.checkpoint_every == 0 or stopping) and done < spec.iterations:
+            elapsed += time.perf_counter() - tic
+            tic = time.perf_counter()
+            path = save_last(done)
+            if stopping:
+                bar.close()
+                raise Interrupted(
+                    f"stage {spec.name} stopped by signal {stop.signum} at iteration {done}; "
+                    f"checkpoint saved to {path}",
+                    stop.signum,  # type: ignore[arg-type]
+                )
+    bar.close()
+    elapsed += time.perf_counter() - tic
+    if best_state is not None:
+        spec.module.load_state_dict(best_state)
+    done_iters = spec.iterations - start
+    return {
+        "best_val": best,
+        "val_metric": metric_name,
+        "history": history,
+        "seconds": elapsed,
+        "tasks_per_second": spec.meta_batch * spec.iterations / elapsed if elapsed > 0 else 0.0,
+        "resumed_at": start,
+        "iterations_run": done_iters,
+    }
+
+
+def _global_rng() -> dict[str, Any]:
+    """Every global random state, as tensors and plain values so ``weights_only`` loading works."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def _set_global_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
