@@ -58,7 +58,9 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:  # one bad cell of a grid must not end the sweep: the summary reports it
             _write_error(run_dir, str(err))
             raise
-        raise
+        # SystemExit passes through Hydra's job wrapper without its "Error executing job" log.
+        print(f"metakd-run: error: {err}", file=sys.stderr)
+        sys.exit(err.status)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:

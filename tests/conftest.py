@@ -1,0 +1,70 @@
+"""Shared fixtures: composing the real configs, and running the real console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# Tiny budgets that still run every stage; used by the end-to-end tests.
+TINY = [
+    "train.iterations=12",
+    "train.val_every=6",
+    "train.val_tasks=8",
+    "train.log_every=3",
+    "train.checkpoint_every=5",
+    "train.progress=false",
+    "meta.meta_batch=4",
+    "eval.tasks=10",
+    "eval.steps=3",
+    "eval.report_steps=[0,1,3]",
+    "eval.batch=5",
+    "threads=1",
+]
+
+
+def metakd_run_exe() -> list[str]:
+    exe = shutil.which("metakd-run", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "metakd_run.cli"]
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``metakd-run`` in a subprocess with its run folder under tmp_path."""
+
+    def _run(*overrides: str, run_dir: Path | None = None, tiny: bool = True, timeout: int = 240):
+        args = [*metakd_run_exe(), *(TINY if tiny else []), *overrides]
+        if run_dir is not None:
+            args.append(f"hydra.run.dir={run_dir}")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
+
+    return _run
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def compose():
+    """Compose the real configs with overrides, as the CLI would (without running)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import metakd_run.cli  # noqa: F401 - registers the structured configs
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides))
+
+    return _compose
