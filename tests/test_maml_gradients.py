@@ -40,7 +40,7 @@ def batch():
     return SinusoidTasks(shots=5, queries=7).sample(6, g).to("cpu", torch.float64)
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "batched"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_meta_gradient_matches_per_task_loop(batch, batching, first_order, steps):
@@ -70,10 +70,12 @@ def test_second_order_differs_from_first_order(batch):
     assert float((grads[False] - grads[True]).abs().max()) > 1e-4
 
 
-def test_meta_sgd_learned_rates_get_the_right_gradient(batch):
+@pytest.mark.parametrize("batching", ["vmap", "batched"])
+def test_meta_sgd_learned_rates_get_the_right_gradient(batch, batching):
     torch.manual_seed(2)
     model = MLP(1, 1, [8]).double()
-    maml = MAML(model, "regression", InnerLoopConfig(inner_lr=0.05, inner_steps=2, learn_inner_lr=True))
+    cfg = InnerLoopConfig(inner_lr=0.05, inner_steps=2, learn_inner_lr=True, batching=batching)
+    maml = MAML(model, "regression", cfg)
     for r in maml.inner_lrs.values():  # make the rates differ per entry
         r.data.uniform_(0.01, 0.1)
     maml.meta_backward(batch)
@@ -119,3 +121,30 @@ def test_adaptation_curve_improves_on_the_support_set():
         opt.step()
     curve = maml.adaptation_curve(src.sample(50, g), steps=5)["task_loss"].mean(1)
     assert curve[5] < curve[0]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_meta_gradient_agrees_across_strategies(batch, first_order):
+    torch.manual_seed(6)
+    model = MLP(1, 1, [8, 8]).double()
+    grads = []
+    for batching in ("vmap", "loop", "batched"):
+        model.zero_grad()
+        cfg = InnerLoopConfig(inner_lr=0.1, inner_steps=2, anil=True, first_order=first_order, batching=batching)
+        MAML(model, "regression", cfg).meta_backward(batch)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert float((grads[0] - grads[1]).abs().max()) <= 1e-10
+    assert float((grads[0] - grads[2]).abs().max()) <= 1e-10
+
+
+def test_evaluation_paths_agree_across_strategies(batch):
+    torch.manual_seed(7)
+    model = MLP(1, 1, [16, 16]).double()
+    curves, outs = [], []
+    for batching in ("vmap", "loop", "batched"):
+        maml = MAML(model, "regression", InnerLoopConfig(inner_lr=0.05, inner_steps=2, batching=batching))
+        curves.append(maml.adaptation_curve(batch, steps=4)["task_loss"])
+        outs.append(maml.adapted_outputs(batch.support_x, batch.support_y, batch.query_x)[1]["hidden2"])
+    for other in (1, 2):
+        assert torch.allclose(curves[0], curves[other], atol=1e-10)
+        assert torch.allclose(outs[0], outs[other], atol=1e-10)

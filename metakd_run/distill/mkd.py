@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.distill.losses import Distiller
@@ -41,23 +40,12 @@ class MetaDistillation:
         for p in teacher.parameters():
             p.requires_grad_(False)
 
-    @torch.no_grad()
     def teacher_targets(self, batch: TaskBatch, query_x: Tensor) -> dict[str, Tensor]:
         """The teacher's outputs/features on every query input, per task: ``{tap: [T, Q(+U), ...]}``."""
-        teacher = self.teacher
-        params = {n: p.detach() for n, p in teacher.params().items()}
-        lrs = {n: (r.detach() if isinstance(r, Tensor) else r) for n, r in teacher.lrs().items()}
-        steps = teacher.cfg.inner_steps if self.source == "adapted" else 0
-        taps = self.teacher_taps
-
-        def targets(p, r, sx, sy, qx):  # noqa: ANN001, ANN202 - traced by vmap
-            p = teacher.adapt(p, r, sx, sy, steps=steps, create_graph=False)
-            out, feats = functional_call(teacher.model, p, (qx,))
-            feats = {**feats, "output": out}
-            return {t: feats[t] for t in taps}
-
-        args = (batch.support_x, batch.support_y, query_x)
-        return teacher.map_tasks(targets, args, shared=(params, lrs))  # type: ignore[return-value]
+        steps = None if self.source == "adapted" else 0
+        out, feats = self.teacher.adapted_outputs(batch.support_x, batch.support_y, query_x, steps)
+        feats = {**feats, "output": out}
+        return {t: feats[t] for t in self.teacher_taps}
 
     def objective(
         self, out: Tensor, feats: dict[str, Tensor], qy: Tensor, extra: Mapping[str, Tensor]

@@ -1,10 +1,20 @@
-"""MAML, first-order MAML, Meta-SGD and ANIL as pure functions of parameters (torch.func).
+"""MAML, first-order MAML, Meta-SGD and ANIL as pure functions of parameters.
 
-The inner loop is written once, for one task, as a function of a parameter dict. A meta-batch
-is then either vmapped (one call for all tasks) or looped over, behind the same interface, because
-which is faster depends on the shape: vmap wins on small MLPs, a plain loop on convolutions on a
-CPU. Second-order meta-gradients come from running ``torch.func.grad`` inside the graph that the
-outer ``backward`` differentiates; first order detaches the inner gradients.
+The inner loop is written for one task as a function of a parameter dict (``torch.func``), and
+a meta-batch goes through one of three strategies behind the same interface, because which is
+fastest depends on the shape (``scripts/benchmark.py`` measures them):
+
+- ``vmap``: ``torch.func.vmap`` over the per-task function; second order comes from running
+  ``torch.func.grad`` inside the graph that the outer ``backward`` differentiates.
+- ``loop``: the same per-task function in a Python loop; wins for convolutions on a CPU.
+- ``batched``: every task gets its own view of the parameters (``expand``), the model's
+  ``batched_forward`` runs all tasks at once (``bmm`` / grouped convolution), and plain
+  ``torch.autograd.grad`` gives all per-task inner gradients in one call, with far fewer and
+  larger ops than vmap. Needs a model with ``batched_forward``.
+
+First order detaches the inner gradients, so the meta-gradient flows only through the identity
+path of the update. The per-task query objective (task loss, distillation) is written once, for
+one task, and vmapped in every strategy.
 """
 
 from __future__ import annotations
@@ -15,15 +25,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
 
 from metakd_run.data.tasks import TaskBatch
 
 Params = dict[str, Tensor]
+Rates = Mapping[str, Tensor | float]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-# objective(output, features, query_targets, extra) -> (loss, {name: scalar}); extra is per task
+# objective(output, features, query_targets, extra) -> (loss, {name: scalar}), for ONE task
 Objective = Callable[[Tensor, dict[str, Tensor], Tensor, Mapping[str, Tensor]], tuple[Tensor, dict]]
 
-BATCHING = ("auto", "vmap", "loop")
+BATCHING = ("auto", "vmap", "loop", "batched")
 
 
 def mse_loss(out: Tensor, y: Tensor) -> Tensor:
@@ -31,11 +43,19 @@ def mse_loss(out: Tensor, y: Tensor) -> Tensor:
 
 
 def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(out, y)
+    return F.cross_entropy(out, y)
 
 
 def accuracy(out: Tensor, y: Tensor) -> Tensor:
     return (out.argmax(-1) == y).to(out.dtype).mean()
+
+
+def batched_task_losses(task: str, out: Tensor, y: Tensor) -> Tensor:
+    """Per-task mean losses ``[T]`` for outputs ``[T, B, ...]``, without vmap."""
+    if task == "regression":
+        return ((out - y) ** 2).flatten(1).mean(1)
+    t, b = y.shape[:2]
+    return F.cross_entropy(out.reshape(t * b, -1), y.reshape(t * b), reduction="none").view(t, b).mean(1)
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,8 @@ class MAML(nn.Module):
         else:
             self.inner_lrs = None
         self.batching = resolve_batching(cfg.batching, model)
+        if self.batching == "batched" and not hasattr(model, "batched_forward"):
+            raise ValueError(f"meta.batching=batched needs a model with batched_forward; {type(model).__name__} has none")
 
     # --- parameters ------------------------------------------------------------------------------
     def params(self) -> Params:
@@ -93,10 +115,13 @@ class MAML(nn.Module):
             return {n: self.cfg.inner_lr for n in self.adapted}
         return {n: self.inner_lrs[_key(n)] for n in self.adapted}
 
-    # --- one task --------------------------------------------------------------------------------
-    def inner_step(
-        self, params: Params, lrs: Mapping[str, Tensor | float], x: Tensor, y: Tensor, create_graph: bool
-    ) -> Params:
+    def frozen(self) -> tuple[Params, dict[str, Tensor | float]]:
+        """Detached parameters and rates, for adaptation that must build no graph."""
+        lrs = {n: (r.detach() if isinstance(r, Tensor) else r) for n, r in self.lrs().items()}
+        return {n: p.detach() for n, p in self.params().items()}, lrs
+
+    # --- one task (vmap and loop) ------------------------------------------------------------------
+    def inner_step(self, params: Params, lrs: Rates, x: Tensor, y: Tensor, create_graph: bool) -> Params:
         """One gradient step on the support loss; a pure function of ``params``."""
         fast = {n: params[n] for n in self.adapted}
 
@@ -112,7 +137,7 @@ class MAML(nn.Module):
     def adapt(
         self,
         params: Params,
-        lrs: Mapping[str, Tensor | float],
+        lrs: Rates,
         x: Tensor,
         y: Tensor,
         steps: int | None = None,
@@ -125,24 +150,6 @@ class MAML(nn.Module):
             params = self.inner_step(params, lrs, x, y, create_graph)
         return params
 
-    def task_objective(
-        self,
-        params: Params,
-        lrs: Mapping[str, Tensor | float],
-        sx: Tensor,
-        sy: Tensor,
-        qx: Tensor,
-        qy: Tensor,
-        extra: Mapping[str, Tensor],
-        objective: Objective | None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Adapt on the support set, then the outer loss on the query set (one task)."""
-        adapted = self.adapt(params, lrs, sx, sy)
-        out, feats = functional_call(self.model, adapted, (qx,))
-        if objective is None:
-            return self.query_loss(out, qy)
-        return objective(out, feats, qy, extra)
-
     def query_loss(self, out: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The plain task loss on the labelled query points (the first ``len(y)`` outputs)."""
         out = out[: y.shape[0]]
@@ -152,15 +159,65 @@ class MAML(nn.Module):
             aux["accuracy"] = accuracy(out, y)
         return loss, aux
 
-    # --- a meta-batch ----------------------------------------------------------------------------
+    def _plain_objective(self, out: Tensor, feats: dict, y: Tensor, extra: Mapping) -> tuple[Tensor, dict]:  # noqa: ARG002
+        return self.query_loss(out, y)
+
     def map_tasks(self, fn: Callable, batch_args: tuple, shared: tuple = ()) -> object:
-        """Apply ``fn(*shared, *per_task_args)`` to every task, batched as configured."""
-        if self.batching == "vmap":
-            in_dims = (None,) * len(shared) + (0,) * len(batch_args)
-            return vmap(fn, in_dims=in_dims, randomness="different")(*shared, *batch_args)
-        n = batch_args[0].shape[0]
-        results = [fn(*shared, *(_index(a, i) for a in batch_args)) for i in range(n)]
-        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *results)
+        """Apply ``fn(*shared, *per_task_args)`` to every task: vmapped, or looped for ``loop``."""
+        if self.batching == "loop":
+            n = batch_args[0].shape[0]
+            results = [fn(*shared, *(_index(a, i) for a in batch_args)) for i in range(n)]
+            return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *results)
+        in_dims = (None,) * len(shared) + (0,) * len(batch_args)
+        return vmap(fn, in_dims=in_dims, randomness="different")(*shared, *batch_args)
+
+    # --- all tasks at once (batched) ---------------------------------------------------------------
+    def batched_step(self, p: Params, lrs: Rates, x: Tensor, y: Tensor, create_graph: bool) -> Params:
+        """One inner step for all tasks; ``p`` holds per-task parameters ``[T, ...]``."""
+        if create_graph:
+            fast = [p[n] for n in self.adapted]
+            out, _ = self.model.batched_forward(p, x)
+            loss = batched_task_losses(self.task, out, y).sum()
+            grads = torch.autograd.grad(loss, fast, create_graph=True)
+        else:
+            # The gradient as if the parameters were leaves: no graph through it (first order,
+            # a frozen teacher, evaluation), while ``p`` itself may still carry the meta-graph.
+            leaves = {n: v.detach().requires_grad_(n in self.adapted) for n, v in p.items()}
+            with torch.enable_grad():
+                out, _ = self.model.batched_forward(leaves, x)
+                loss = batched_task_losses(self.task, out, y).sum()
+                grads = torch.autograd.grad(loss, [leaves[n] for n in self.adapted])
+        return {**p, **{n: p[n] - lrs[n] * g for n, g in zip(self.adapted, grads)}}
+
+    def expand(self, params: Params, tasks: int) -> Params:
+        return {n: v.unsqueeze(0).expand(tasks, *v.shape) for n, v in params.items()}
+
+    # --- a meta-batch ------------------------------------------------------------------------------
+    def task_losses(
+        self,
+        batch: TaskBatch,
+        objective: Objective | None,
+        extra: Mapping[str, Tensor],
+        query_x: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-task outer losses ``[T]`` (and metrics) after adapting on each support set."""
+        objective = objective or self._plain_objective
+        params, lrs = self.params(), self.lrs()
+        second = not self.cfg.first_order
+        if self.batching == "batched":
+            p = self.expand(params, batch.num_tasks)
+            for _ in range(self.cfg.inner_steps):
+                p = self.batched_step(p, lrs, batch.support_x, batch.support_y, second)
+            out, feats = self.model.batched_forward(p, query_x)
+            return vmap(objective)(out, feats, batch.query_y, dict(extra))
+
+        def per_task(p, r, sx, sy, qx, qy, ex):  # noqa: ANN001, ANN202 - traced by vmap
+            adapted = self.adapt(p, r, sx, sy)
+            out, feats = functional_call(self.model, adapted, (qx,))
+            return objective(out, feats, qy, ex)
+
+        args = (batch.support_x, batch.support_y, query_x, batch.query_y, dict(extra))
+        return self.map_tasks(per_task, args, shared=(params, lrs))  # type: ignore[return-value]
 
     def meta_backward(
         self,
@@ -177,28 +234,37 @@ class MAML(nn.Module):
         qx_all = batch.query_x if query_x is None else query_x
         extra = dict(extra or {})
         total = batch.num_tasks
-        sums: dict[str, float] = {}
         size = self.cfg.chunk if self.cfg.chunk > 0 else total
-        params, lrs = self.params(), self.lrs()
+        sums: dict[str, Tensor] = {}
         for start in range(0, total, size):
             stop = min(start + size, total)
-            args = (
-                batch.support_x[start:stop],
-                batch.support_y[start:stop],
-                qx_all[start:stop],
-                batch.query_y[start:stop],
-                {k: v[start:stop] for k, v in extra.items()},
+            part = batch.slice(start, stop)
+            losses, aux = self.task_losses(
+                part, objective, {k: v[start:stop] for k, v in extra.items()}, qx_all[start:stop]
             )
-
-            def per_task(p, r, sx, sy, qx, qy, ex):  # noqa: ANN001, ANN202 - traced by vmap
-                return self.task_objective(p, r, sx, sy, qx, qy, ex, objective)
-
-            losses, aux = self.map_tasks(per_task, args, shared=(params, lrs))
             (losses.sum() / total).backward()
-            for k, v in aux.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
-            sums["loss"] = sums.get("loss", 0.0) + float(losses.detach().sum())
-        return {k: v / total for k, v in sums.items()}
+            for k, v in {**aux, "loss": losses}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().sum()
+        return {k: float(v) / total for k, v in sums.items()}
+
+    @torch.no_grad()
+    def adapted_outputs(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Outputs and features on ``qx`` after adapting a frozen copy on each task: no graph."""
+        steps = self.cfg.inner_steps if steps is None else steps
+        params, lrs = self.frozen()
+        if self.batching == "batched":
+            p = self.expand(params, sx.shape[0])
+            for _ in range(steps):
+                p = self.batched_step(p, lrs, sx, sy, create_graph=False)
+            return self.model.batched_forward(p, qx)
+
+        def outputs(p, r, x, y, q):  # noqa: ANN001, ANN202 - traced by vmap
+            p = self.adapt(p, r, x, y, steps=steps, create_graph=False)
+            return functional_call(self.model, p, (q,))
+
+        return self.map_tasks(outputs, (sx, sy, qx), shared=(params, lrs))  # type: ignore[return-value]
 
     @torch.no_grad()
     def adaptation_curve(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:
@@ -206,19 +272,26 @@ class MAML(nn.Module):
 
         Used for meta-validation and meta-test; builds no graph.
         """
-        params = {n: p.detach() for n, p in self.params().items()}
-        lrs = {n: (r.detach() if isinstance(r, Tensor) else r) for n, r in self.lrs().items()}
+        params, lrs = self.frozen()
+        if self.batching == "batched":
+            p = self.expand(params, batch.num_tasks)
+            rows: list[dict[str, Tensor]] = []
+            for s in range(steps + 1):
+                out, _ = self.model.batched_forward(p, batch.query_x)
+                rows.append(vmap(self.query_loss)(out, batch.query_y)[1])
+                if s < steps:
+                    p = self.batched_step(p, lrs, batch.support_x, batch.support_y, create_graph=False)
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
         def curve(p, r, sx, sy, qx, qy):  # noqa: ANN001, ANN202 - traced by vmap
-            rows: dict[str, list[Tensor]] = {}
+            per_step: dict[str, list[Tensor]] = {}
             for s in range(steps + 1):
                 out, _ = functional_call(self.model, p, (qx,))
-                _, aux = self.query_loss(out, qy)
-                for k, v in aux.items():
-                    rows.setdefault(k, []).append(v)
+                for k, v in self.query_loss(out, qy)[1].items():
+                    per_step.setdefault(k, []).append(v)
                 if s < steps:
                     p = self.inner_step(p, r, sx, sy, create_graph=False)
-            return {k: torch.stack(v) for k, v in rows.items()}
+            return {k: torch.stack(v) for k, v in per_step.items()}
 
         args = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         out = self.map_tasks(curve, args, shared=(params, lrs))
@@ -226,9 +299,11 @@ class MAML(nn.Module):
 
 
 def resolve_batching(choice: str, model: nn.Module) -> str:
-    """``auto`` picks what the benchmark measured as faster for this kind of model on the CPU."""
+    """``auto`` picks what ``scripts/benchmark.py`` measured as fastest for this kind of model."""
     if choice != "auto":
         return choice
+    if hasattr(model, "batched_forward"):
+        return "batched"
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     return "loop" if has_conv else "vmap"
 
