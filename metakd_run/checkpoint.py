@@ -23,21 +23,31 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` with ``torch.save`` so that ``path`` is never seen half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(obj, buf)
+    return write_bytes_atomic(buf.getbuffer(), path)
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a text file (summary.json, tables) so that readers never see half of it."""
+    return write_bytes_atomic(text.encode(), path)
+
+
+def write_bytes_atomic(data: bytes | memoryview, path: str | Path) -> Path:
+    """Temp file in the same folder, flush, fsync, rename; on failure nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(
-            f"could not write checkpoint {path}: {err.strerror or err}; free space or point "
+            f"could not write {path}: {err.strerror or err}; free space or point "
             "hydra.run.dir elsewhere, then resume"
         ) from err
     return path

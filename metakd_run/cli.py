@@ -54,19 +54,35 @@ def main(cfg: DictConfig) -> float | None:
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     try:
         return run(cfg, run_dir)
-    except UserError as err:
-        if multirun:  # one bad cell of a grid must not end the sweep: the summary reports it
-            _write_error(run_dir, str(err))
+    except Exception as err:
+        signalled = isinstance(err, UserError) and err.status >= 128
+        if multirun and not signalled:  # [sweep] one failed cell must not end the sweep
+            return _failed_job(run_dir, err)
+        if not isinstance(err, UserError):
             raise
+        if multirun:  # a signal stops the whole sweep (SystemExit passes through the launcher)
+            _write_error(run_dir, str(err))
         # SystemExit passes through Hydra's job wrapper without its "Error executing job" log.
         print(f"metakd-run: error: {err}", file=sys.stderr)
         sys.exit(err.status)
 
 
+def _failed_job(run_dir: Path, err: Exception) -> None:
+    """[sweep] Record a failed sweep job in error.txt and return None, so the launcher and the
+    sweeper go on (Optuna marks the trial FAIL) and the sweep summary lists the error."""
+    import logging
+
+    message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    if not isinstance(err, UserError):  # a bug of ours: keep its traceback in the job's log
+        logging.getLogger(__name__).exception("job failed")
+    _write_error(run_dir, message)
+    print(f"metakd-run: job {run_dir.name} failed: {message}", file=sys.stderr)
+    return None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Validate, then run the experiment; translate user-facing failures into ``UserError``."""
     fresh_dir = run_dir
-    started = False
     try:
         if cfg.train.resume:
             cfg, run_dir = resume_config(cfg.train.resume)
@@ -80,15 +96,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
         experiment = Experiment(cfg, run_dir)
         experiment.prepare()
-        started = True
         summary = experiment.run()
         if fresh_dir != run_dir:
             _discard(fresh_dir)
+        if "models" not in summary:  # [distributed] a rank other than 0: rank 0 reports
+            return float("nan")
         print_summary(summary, run_dir)
         return float(summary["objective"])
     except _user_errors() as err:
-        if not started or fresh_dir != run_dir:
-            _discard(fresh_dir)
+        _discard(fresh_dir)  # only if it holds nothing but bookkeeping: trained stages stay
         raise UserError(str(err)) from err
     except TrainingDiverged as err:
         raise UserError(str(err), status=1) from err
@@ -116,6 +132,8 @@ def resume_config(folder: str) -> tuple[DictConfig, Path]:
 
 def _discard(run_dir: Path) -> None:
     """Remove a run folder that holds nothing but Hydra's bookkeeping (and our logs)."""
+    if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
+        return  # [sweep] a sweep job keeps its folder: the summary reads its overrides and error
     keep = {".hydra", "main.log", "cli.log"}
     if run_dir.is_dir() and all(p.name in keep or p.name.startswith("events.out") for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -151,8 +169,17 @@ def entry() -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from metakd_run import sweep
+    from metakd_run.distributed import is_secondary_rank
+
+    if is_secondary_rank():  # [distributed] torchrun's other ranks neither log nor write .hydra/
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     try:
-        return main()
+        result = main()
+        if sweep.LAST_SWEEP.failed:  # [sweep] every job ran; say which failed, exit status 1
+            print(f"metakd-run: error: {sweep.LAST_SWEEP.failure_line()}", file=sys.stderr)
+            sys.exit(1)
+        return result
     except UserError as err:
         print(f"metakd-run: error: {err}", file=sys.stderr)
         sys.exit(err.status)

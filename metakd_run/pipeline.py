@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import zlib
@@ -19,8 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from metakd_run import __version__
-from metakd_run.checkpoint import CheckpointError, load, load_state, save_atomic
+from metakd_run import __version__, distributed
+from metakd_run.checkpoint import CheckpointError, load, load_state, save_atomic, write_text_atomic
 from metakd_run.data import build_task_source
 from metakd_run.distill.losses import Distiller
 from metakd_run.distill.mkd import MetaDistillation
@@ -33,6 +34,7 @@ from metakd_run.training import StageSpec, StopFlag, final_path, run_stage
 log = logging.getLogger(__name__)
 
 STAGES = ("teacher", "student_kd", "student_base")
+TRAINING_KEYS = ("best_val", "val_metric", "history")
 LABELS = {"teacher": "teacher", "student_kd": "student (MKD)", "student_base": "student (baseline)"}
 
 
@@ -43,7 +45,9 @@ def derive_seed(seed: int, name: str) -> int:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per process
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
@@ -88,6 +92,10 @@ class Experiment:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = resolve_device(cfg.device)
+        # data-parallel (torchrun): join the group; every rank works in rank 0's run folder
+        self.dist = distributed.setup(self.device, cfg.meta.meta_batch, cfg.meta.task_shards)
+        self.run_dir = self.dist.shared_dir(self.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
         self.dtype = getattr(torch, cfg.dtype)
         self.seed = int(cfg.seed)
         self.src: Sources | None = None
@@ -97,28 +105,30 @@ class Experiment:
         """Load every split before any training, so missing or bad data fail first."""
         ds = self.cfg.dataset
         self.src = Sources(
-            train=build_task_source(ds, split_name(self.cfg, "train")),
+            train=build_task_source(ds, split_name(self.cfg, "train"), transfer=self.cfg.kd.transfer),
             val=build_task_source(ds, split_name(self.cfg, "val")),
             test=build_task_source(ds, self.cfg.eval.split),
         )
-        self.tracker = Tracker(self.run_dir)
+        self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main)  # rank 0 alone logs
 
     # --- stages ------------------------------------------------------------------------------
     def stage_spec(self, name: str, module: nn.Module, learner: MAML, step, src: Sources) -> StageSpec:  # noqa: ANN001
         cfg, train = self.cfg, self.cfg.train
         val_tasks = fixed_tasks(src.val, train.val_tasks, derive_seed(cfg.eval.seed, "val"), cfg.eval.batch)
         task_seed = derive_seed(self.seed, "teacher_tasks" if name == "teacher" else "student_tasks")
+        transfer = cfg.kd.transfer if name == "student_kd" else 0
+        dist = self.dist
         return StageSpec(
             name=name,
             module=module.to(self.device, self.dtype),
             learner=learner,
-            step=step,
+            step=dist.wrap_step(step),
             source=src.train,
             val_tasks=val_tasks,
             iterations=train.iterations,
             meta_batch=cfg.meta.meta_batch,
             outer_lr=cfg.meta.outer_lr,
-            transfer=cfg.kd.transfer if name == "student_kd" else 0,
+            transfer=transfer,
             task_seed=task_seed,
             checkpoint_dir=self.ckpt_dir,
             val_every=train.val_every,
@@ -127,18 +137,25 @@ class Experiment:
             device=self.device,
             dtype=self.dtype,
             progress=train.progress,
+            on_gradients=dist.all_reduce_gradients if dist.active else None,
+            is_main=dist.is_main,
+            sample_tasks=distributed.task_sampler(
+                dist, src.train, cfg.meta.meta_batch, transfer, task_seed, cfg.meta.task_shards
+            ),
         )
 
     def finish_stage(
         self, name: str, module: nn.Module, result: dict[str, Any], model_cfg: DictConfig
     ) -> None:
+        if not self.dist.is_main:  # rank 0 alone writes checkpoints
+            return
         save_atomic(
             {
                 "stage": name,
                 "state_dict": module.state_dict(),
                 "model": OmegaConf.to_container(model_cfg, resolve=True),
                 "dataset": self.cfg.dataset.name,
-                "result": {k: v for k, v in result.items() if k != "history"},
+                "result": result,
                 "metakd_run": __version__,
             },
             final_path(self.ckpt_dir, name),
@@ -171,7 +188,6 @@ class Experiment:
                     teacher,
                     f"train.teacher_checkpoint={cfg.train.teacher_checkpoint}",
                 )
-                results["teacher"]["from"] = str(cfg.train.teacher_checkpoint)
             elif teacher_file.exists():
                 results["teacher"] = self.load_finished(teacher_file, teacher, f"checkpoint {teacher_file}")
             elif "teacher" in cfg.train.stages:
@@ -197,6 +213,8 @@ class Experiment:
                     results[name] = run_stage(spec, self.tracker, stop)
                     self.finish_stage(name, module, results[name], cfg.student)
                 learners[name] = student
+        if not self.dist.is_main:  # rank 0 alone runs the meta-test and writes the summary
+            return {"objective": float("nan"), "rank": self.dist.rank}
         return self.evaluate(learners, results)
 
     def student_objective(self, name: str, teacher: MAML, student: MAML, src: Sources):  # noqa: ANN201
@@ -231,9 +249,7 @@ class Experiment:
                 "parameters": count_parameters(learner.model),
                 "meta_parameters": count_parameters(learner),
                 "metrics": metrics,
-                "training": {
-                    k: v for k, v in results.get(name, {}).items() if k not in ("seconds", "tasks_per_second")
-                },
+                "training": {k: v for k, v in results.get(name, {}).items() if k in TRAINING_KEYS},
             }
         summary = {
             "experiment": cfg.name,
@@ -245,15 +261,16 @@ class Experiment:
             "environment": environment(self.device),
         }
         summary["objective"] = objective_value(summary)
+        # Wall times and resumption facts vary between identical runs: they stay out of summary.json.
         timings = {
-            name: {k: r.get(k) for k in ("seconds", "tasks_per_second")} for name, r in results.items()
+            name: {k: v for k, v in r.items() if k not in TRAINING_KEYS} for name, r in results.items()
         }
         self.write_outputs(summary, timings, learners, tasks)
         return summary
 
     def write_outputs(self, summary: dict, timings: dict, learners: dict[str, MAML], tasks: list) -> None:  # noqa: ANN001
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        (self.run_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        write_text_atomic(json.dumps(summary, indent=2, sort_keys=True) + "\n", self.run_dir / "summary.json")
+        write_text_atomic(json.dumps(timings, indent=2) + "\n", self.run_dir / "timings.json")
         from metakd_run import plots
 
         fig = plots.test_tasks_figure(learners, tasks[0], self.cfg, self.device, self.dtype)

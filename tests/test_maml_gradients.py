@@ -130,7 +130,9 @@ def test_anil_meta_gradient_agrees_across_strategies(batch, first_order):
     grads = []
     for batching in ("vmap", "loop", "batched"):
         model.zero_grad()
-        cfg = InnerLoopConfig(inner_lr=0.1, inner_steps=2, anil=True, first_order=first_order, batching=batching)
+        cfg = InnerLoopConfig(
+            inner_lr=0.1, inner_steps=2, anil=True, first_order=first_order, batching=batching
+        )
         MAML(model, "regression", cfg).meta_backward(batch)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert float((grads[0] - grads[1]).abs().max()) <= 1e-10

@@ -21,8 +21,12 @@ class TaskSource(Protocol):
     def sample(self, num_tasks: int, generator: torch.Generator, transfer: int = 0) -> TaskBatch: ...
 
 
-def build_task_source(cfg: Any, split: str) -> TaskSource:
-    """The task distribution of data set ``cfg.name`` on ``split`` (train, val, test, ...)."""
+def build_task_source(cfg: Any, split: str, transfer: int = 0) -> TaskSource:
+    """The task distribution of data set ``cfg.name`` on ``split`` (train, val, test, ...).
+
+    ``transfer`` is the number of unlabelled inputs per task (per class for images) that the
+    distillation stage will ask for, checked here so a split too small for it fails up front.
+    """
     if cfg.name == "sinusoid":
         from metakd_run.data.sinusoid import SinusoidTasks
 
@@ -30,4 +34,4 @@ def build_task_source(cfg: Any, split: str) -> TaskSource:
         return SinusoidTasks(cfg.amplitude, cfg.phase, cfg.x_range, cfg.shots, cfg.queries, cfg.noise)
     from metakd_run.data.images import build_episode_sampler
 
-    return build_episode_sampler(cfg, split)
+    return build_episode_sampler(cfg, split, transfer=transfer)

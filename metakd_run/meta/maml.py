@@ -103,7 +103,9 @@ class MAML(nn.Module):
             self.inner_lrs = None
         self.batching = resolve_batching(cfg.batching, model)
         if self.batching == "batched" and not hasattr(model, "batched_forward"):
-            raise ValueError(f"meta.batching=batched needs a model with batched_forward; {type(model).__name__} has none")
+            raise ValueError(
+                f"meta.batching=batched needs a model with batched_forward; {type(model).__name__} has none"
+            )
 
     # --- parameters ------------------------------------------------------------------------------
     def params(self) -> Params:
