@@ -94,6 +94,7 @@ class MetaConfig:
     meta_batch: int = 25
     batching: str = "auto"
     chunk: int = 0
+    task_shards: int = 0  # >0: draw the meta-batch as N rank-seeded shards (see distributed.py)
 
 
 @dataclass

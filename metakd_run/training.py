@@ -90,6 +90,7 @@ class StageSpec:
     extra_state: dict[str, Any] = field(default_factory=dict)
     on_gradients: Callable[[nn.Module], None] | None = None
     is_main: bool = True
+    sample_tasks: Callable[[int], TaskBatch] | None = None  # iteration -> tasks (distributed.py)
 
 
 def validation_metric(learner: MAML, tasks: list[TaskBatch], device, dtype) -> tuple[str, float, bool]:  # noqa: ANN001
@@ -153,7 +154,10 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
     tic = time.perf_counter()
     metric_name = "metric"
     for it in range(start, spec.iterations):
-        batch = spec.source.sample(spec.meta_batch, generator, spec.transfer).to(spec.device, spec.dtype)
+        if spec.sample_tasks is not None:  # data-parallel: this process's shard of iteration `it`
+            batch = spec.sample_tasks(it).to(spec.device, spec.dtype)
+        else:
+            batch = spec.source.sample(spec.meta_batch, generator, spec.transfer).to(spec.device, spec.dtype)
         optimizer.zero_grad(set_to_none=True)
         metrics = spec.step(batch)
         if not math.isfinite(metrics["loss"]):
