@@ -161,6 +161,15 @@ class MAML(nn.Module):
             aux["accuracy"] = accuracy(out, y)
         return loss, aux
 
+    def batched_query_loss(self, out: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`query_loss` for all tasks at once: ``out [T, B(+U), ...]``, ``y [T, B]``."""
+        out = out[:, : y.shape[1]]
+        losses = batched_task_losses(self.task, out, y)
+        aux = {"task_loss": losses}
+        if self.task == "classification":
+            aux["accuracy"] = (out.argmax(-1) == y).to(out.dtype).mean(1)
+        return losses, aux
+
     def _plain_objective(self, out: Tensor, feats: dict, y: Tensor, extra: Mapping) -> tuple[Tensor, dict]:  # noqa: ARG002
         return self.query_loss(out, y)
 
@@ -211,6 +220,8 @@ class MAML(nn.Module):
             for _ in range(self.cfg.inner_steps):
                 p = self.batched_step(p, lrs, batch.support_x, batch.support_y, second)
             out, feats = self.model.batched_forward(p, query_x)
+            if objective is self._plain_objective:  # the common case, without vmap's dispatch cost
+                return self.batched_query_loss(out, batch.query_y)
             return vmap(objective)(out, feats, batch.query_y, dict(extra))
 
         def per_task(p, r, sx, sy, qx, qy, ex):  # noqa: ANN001, ANN202 - traced by vmap
@@ -280,7 +291,7 @@ class MAML(nn.Module):
             rows: list[dict[str, Tensor]] = []
             for s in range(steps + 1):
                 out, _ = self.model.batched_forward(p, batch.query_x)
-                rows.append(vmap(self.query_loss)(out, batch.query_y)[1])
+                rows.append(self.batched_query_loss(out, batch.query_y)[1])
                 if s < steps:
                     p = self.batched_step(p, lrs, batch.support_x, batch.support_y, create_graph=False)
             return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
