@@ -312,13 +312,17 @@ class MAML(nn.Module):
 
 
 def resolve_batching(choice: str, model: nn.Module) -> str:
-    """``auto`` picks what ``scripts/benchmark.py`` measured as fastest for this kind of model."""
+    """``auto`` picks what ``scripts/benchmark.py`` measured as fastest for this kind of model.
+
+    On the 2-core CPU: MLPs are fastest ``batched`` (bmm), convolutional networks in a plain
+    ``loop`` (grouped convolutions and vmapped convolutions both lose to per-task convolutions
+    there); see the README's "Speed" section for the figures.
+    """
     if choice != "auto":
         return choice
-    if hasattr(model, "batched_forward"):
-        return "batched"
-    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return "loop" if has_conv else "vmap"
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return "loop"
+    return "batched" if hasattr(model, "batched_forward") else "vmap"
 
 
 def _key(name: str) -> str:
