@@ -132,6 +132,7 @@ class EvalConfig:
     seed: int = 1234
     batch: int = 100
     plot_tasks: int = 4
+    every_step: bool = True
 
 
 @dataclass

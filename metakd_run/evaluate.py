@@ -28,25 +28,36 @@ def mean_ci(values: Tensor) -> tuple[float, float]:
 
 
 def adaptation_curves(
-    learner: MAML, tasks: Sequence[TaskBatch], steps: int, device: torch.device, dtype: torch.dtype
+    learner: MAML,
+    tasks: Sequence[TaskBatch],
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    at: Sequence[int] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-task query metrics after 0..steps inner steps: ``{metric: [steps+1, num_tasks]}``."""
+    """Per-task query metrics after each inner step in ``at``: ``{metric: [len(at), num_tasks]}``."""
     parts: dict[str, list[Tensor]] = {}
     for batch in tasks:
-        curve = learner.adaptation_curve(batch.to(device, dtype), steps)
+        curve = learner.adaptation_curve(batch.to(device, dtype), steps, at)
         for k, v in curve.items():
             parts.setdefault(k, []).append(v.cpu())
     return {k: torch.cat(v, dim=1) for k, v in parts.items()}
 
 
-def summarise(curves: dict[str, Tensor], report_steps: Sequence[int]) -> dict[str, dict]:
-    """``{metric: {"step_k": {"mean": .., "ci95": ..}, "curve": [means per step]}}``."""
+def curve_steps(steps: int, report_steps: Sequence[int], every_step: bool) -> list[int]:
+    """The inner steps at which the meta-test evaluates the query set."""
+    return list(range(steps + 1)) if every_step else sorted(set(report_steps))
+
+
+def summarise(curves: dict[str, Tensor], at: Sequence[int], report_steps: Sequence[int]) -> dict[str, dict]:
+    """``{metric: {"step_k": {"mean", "ci95"}, "curve": {"steps": [...], "mean": [...]}}}``."""
     summary: dict[str, dict] = {}
+    row = {s: i for i, s in enumerate(at)}
     for metric, table in curves.items():
         entry: dict = {}
         for s in report_steps:
-            mean, ci = mean_ci(table[s])
+            mean, ci = mean_ci(table[row[s]])
             entry[f"step_{s}"] = {"mean": mean, "ci95": ci}
-        entry["curve"] = [float(row.double().mean()) for row in table]
+        entry["curve"] = {"steps": list(at), "mean": [float(r.double().mean()) for r in table]}
         summary[metric] = entry
     return summary

@@ -25,7 +25,7 @@ from metakd_run.checkpoint import CheckpointError, load, load_state, save_atomic
 from metakd_run.data import build_task_source
 from metakd_run.distill.losses import Distiller
 from metakd_run.distill.mkd import MetaDistillation
-from metakd_run.evaluate import adaptation_curves, fixed_tasks, summarise
+from metakd_run.evaluate import adaptation_curves, curve_steps, fixed_tasks, summarise
 from metakd_run.meta.maml import MAML, InnerLoopConfig
 from metakd_run.models import build_model, feature_shapes
 from metakd_run.tracking import Tracker
@@ -240,8 +240,9 @@ class Experiment:
         tasks = fixed_tasks(test_source, ev.tasks, ev.seed, ev.batch)
         models: dict[str, Any] = {}
         for name, learner in learners.items():
-            curves = adaptation_curves(learner, tasks, ev.steps, self.device, self.dtype)
-            metrics = summarise(curves, list(ev.report_steps))
+            at = curve_steps(ev.steps, ev.report_steps, ev.every_step)
+            curves = adaptation_curves(learner, tasks, ev.steps, self.device, self.dtype, at)
+            metrics = summarise(curves, at, list(ev.report_steps))
             if "task_loss" in metrics and learner.task == "regression":
                 metrics["mse"] = metrics.pop("task_loss")
             models[name] = {
@@ -282,7 +283,7 @@ class Experiment:
         plots.close(fig, curve_fig)
         for name, model in summary["models"].items():
             for metric, entry in model["metrics"].items():
-                for step, value in enumerate(entry["curve"]):
+                for step, value in zip(entry["curve"]["steps"], entry["curve"]["mean"]):
                     self.tracker.scalars(f"{name}/test_{metric}_by_step", {"mean": value}, step)
         self.tracker.text("config", "```yaml\n" + OmegaConf.to_yaml(self.cfg) + "\n```")
         self.tracker.hparams(summary["hparams"], final_metrics(summary))
@@ -345,7 +346,7 @@ def objective_value(summary: dict[str, Any]) -> float:
     if best is None:
         metrics = models[name]["metrics"]
         entry = metrics.get("accuracy") or metrics["mse"]
-        best = entry["curve"][-1]
+        best = entry["curve"]["mean"][-1]
     return float(best)
 
 

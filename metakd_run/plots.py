@@ -115,7 +115,7 @@ def adaptation_figure(summary: dict[str, Any]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for name, model in models.items():
         curve = model["metrics"][metric]["curve"]
-        ax.plot(range(len(curve)), curve, marker="o", ms=3, color=COLORS.get(name), label=model["label"])
+        ax.plot(curve["steps"], curve["mean"], marker="o", ms=3, color=COLORS.get(name), label=model["label"])
     ax.set_xlabel("inner steps at test")
     ax.set_ylabel(f"query {metric}")
     if metric == "mse":

@@ -95,7 +95,8 @@ class StageSpec:
 
 def validation_metric(learner: MAML, tasks: list[TaskBatch], device, dtype) -> tuple[str, float, bool]:  # noqa: ANN001
     """The metric that picks the best checkpoint: query accuracy or loss after the inner steps."""
-    curves = adaptation_curves(learner, tasks, learner.cfg.inner_steps, device, dtype)
+    steps = learner.cfg.inner_steps
+    curves = adaptation_curves(learner, tasks, steps, device, dtype, at=[steps])
     if "accuracy" in curves:
         return "accuracy", mean_ci(curves["accuracy"][-1])[0], True
     return "mse", mean_ci(curves["task_loss"][-1])[0], False

@@ -297,9 +297,7 @@ def decode_images(
     return np.concatenate(parts)
 
 
-def _map_chunks(
-    chunks: list[Sequence[ImageRef]], fmt: ImageFormat, workers: int
-) -> Iterator[np.ndarray]:
+def _map_chunks(chunks: list[Sequence[ImageRef]], fmt: ImageFormat, workers: int) -> Iterator[np.ndarray]:
     if workers <= 1 or len(chunks) == 1:
         for chunk in chunks:
             yield _decode_chunk(chunk, fmt)

@@ -15,8 +15,7 @@ log = logging.getLogger(__name__)
 
 _HOLDS = {  # what dataset.root must hold, for the error message
     "omniglot": "images_background.zip and images_evaluation.zip (or omniglot/ with them)",
-    "miniimagenet": "train.csv, val.csv, test.csv and images/ or images.zip (or miniimagenet/ "
-    "with them)",
+    "miniimagenet": "train.csv, val.csv, test.csv and images/ or images.zip (or miniimagenet/ with them)",
 }
 
 
@@ -28,9 +27,7 @@ def load_class_images(cfg: Any, split: str, *, workers: int | None = None) -> Cl
     """
     name = str(cfg.name).lower()
     if name not in _HOLDS:
-        raise DataError(
-            f"dataset.name={cfg.name} is not an image data set: use omniglot or miniimagenet"
-        )
+        raise DataError(f"dataset.name={cfg.name} is not an image data set: use omniglot or miniimagenet")
     root = Path(str(cfg.root)).expanduser()
     download = bool(getattr(cfg, "download", False)) and name == "omniglot"
     if not root.is_dir() and not download:

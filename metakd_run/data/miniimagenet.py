@@ -107,9 +107,7 @@ def find_split(root: Path, split: str, download: bool = False) -> _Plan:
             if plan is not None:
                 return plan
     advice = (
-        "dataset.download cannot fetch miniImageNet (it has no official public address): "
-        if download
-        else ""
+        "dataset.download cannot fetch miniImageNet (it has no official public address): " if download else ""
     )
     raise DataError(
         f"no miniImageNet data for split '{split}' under {root}: expected {split}.csv with "
@@ -237,9 +235,7 @@ def _csv_plan(folder: Path, split: str) -> _Plan | None:
 
     def decode(size: int, workers: int | None) -> tuple[np.ndarray, list[str]]:
         todo = refs if refs is not None else _zip_refs(zip_path, names, split, csv_path)
-        flat = archive.decode_images(
-            todo, ImageFormat("RGB", size), workers=workers, desc=f"{NAME} {split}"
-        )
+        flat = archive.decode_images(todo, ImageFormat("RGB", size), workers=workers, desc=f"{NAME} {split}")
         return flat.reshape(len(classes), per_class, size, size, 3), classes
 
     return _Plan(kind, where, identity, classes, decode)
@@ -298,18 +294,14 @@ def _folder_refs(
     return [(None, str(images_dir / n)) for n in names], identity
 
 
-def _zip_refs(
-    zip_path: Path, names: list[str], split: str, csv_path: Path
-) -> list[archive.ImageRef]:
+def _zip_refs(zip_path: Path, names: list[str], split: str, csv_path: Path) -> list[archive.ImageRef]:
     with archive.open_zip(zip_path) as zf:
         members = {m.rsplit("/", 1)[-1]: m for m in zf.namelist() if not m.endswith("/")}
     _check_missing(split, [n for n in names if n not in members], len(names), csv_path, zip_path)
     return [(str(zip_path), members[n]) for n in names]
 
 
-def _stack_classes(
-    stacks: list[np.ndarray], classes: list[str], size: int, where: str
-) -> np.ndarray:
+def _stack_classes(stacks: list[np.ndarray], classes: list[str], size: int, where: str) -> np.ndarray:
     """Per-class uint8 ``[M, H, W, 3]`` arrays -> one ``[C, M, size, size, 3]`` array."""
     _same_count({c: s for c, s in zip(classes, stacks)}, where)
     fmt = ImageFormat("RGB", size)

@@ -144,18 +144,14 @@ class _Source:
         index = self.catalog[0]
         return file_identity(Path(ref[1]) for c in characters for ref in index.get(c, []))
 
-    def decode(
-        self, characters: list[str], size: int, workers: int | None, desc: str
-    ) -> np.ndarray:
+    def decode(self, characters: list[str], size: int, workers: int | None, desc: str) -> np.ndarray:
         """``[len(characters), M, size, size]`` uint8, ink 255 on 0."""
         index, _ = self.catalog
         per_char = _count_per_character(self, characters)
         if self.kind == "hdf5":
             return _decode_hdf5(self.present[0], [index[c] for c in characters], size)
         refs: list[archive.ImageRef] = [ref for c in characters for ref in index[c]]
-        flat = archive.decode_images(
-            refs, ImageFormat("L", size, invert=True), workers=workers, desc=desc
-        )
+        flat = archive.decode_images(refs, ImageFormat("L", size, invert=True), workers=workers, desc=desc)
         return flat.reshape(len(characters), per_char, size, size)
 
 
@@ -205,9 +201,7 @@ def _list_hdf5(paths: list[Path]) -> Catalog:
                 index[char] = data.name
                 counts[char] = int(data.shape[0])
     except OSError as err:
-        raise DataError(
-            f"{paths[0]} is not a readable HDF5 file ({err}): delete it and rebuild it"
-        ) from err
+        raise DataError(f"{paths[0]} is not a readable HDF5 file ({err}): delete it and rebuild it") from err
     return index, counts
 
 
@@ -336,9 +330,7 @@ def load_omniglot(
         key,
         lambda: (_build(source, characters, entries, image_size, workers, split), classes),
     )
-    return ClassImages(
-        result.images, classes, NAME, split, source.description, result.path, result.built_s
-    )
+    return ClassImages(result.images, classes, NAME, split, source.description, result.path, result.built_s)
 
 
 def _check_present(split: str, characters: list[str], source: _Source) -> None:
@@ -346,8 +338,7 @@ def _check_present(split: str, characters: list[str], source: _Source) -> None:
     if not missing:
         return
     hint = (
-        f"{' and '.join(source.absent)} missing from {source.folder}: add it or set "
-        "dataset.download=true"
+        f"{' and '.join(source.absent)} missing from {source.folder}: add it or set dataset.download=true"
         if source.absent
         else "use the official Omniglot archives or fix the split file"
     )

@@ -19,7 +19,7 @@ one task, and vmapped in every strategy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -280,18 +280,23 @@ class MAML(nn.Module):
         return self.map_tasks(outputs, (sx, sy, qx), shared=(params, lrs))  # type: ignore[return-value]
 
     @torch.no_grad()
-    def adaptation_curve(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:
-        """Query loss (and accuracy) after 0..steps inner steps, per task: ``[steps+1, T]``.
+    def adaptation_curve(
+        self, batch: TaskBatch, steps: int, at: Sequence[int] | None = None
+    ) -> dict[str, Tensor]:
+        """Query loss (and accuracy) after each inner step in ``at`` (default 0..steps), per task.
 
-        Used for meta-validation and meta-test; builds no graph.
+        Returns ``{metric: [len(at), T]}``. Used for meta-validation and meta-test; builds no
+        graph, and evaluates the query set only at the steps asked for (it costs more than a step).
         """
+        at = sorted(set(range(steps + 1) if at is None else at))
         params, lrs = self.frozen()
         if self.batching == "batched":
             p = self.expand(params, batch.num_tasks)
             rows: list[dict[str, Tensor]] = []
             for s in range(steps + 1):
-                out, _ = self.model.batched_forward(p, batch.query_x)
-                rows.append(self.batched_query_loss(out, batch.query_y)[1])
+                if s in at:
+                    out, _ = self.model.batched_forward(p, batch.query_x)
+                    rows.append(self.batched_query_loss(out, batch.query_y)[1])
                 if s < steps:
                     p = self.batched_step(p, lrs, batch.support_x, batch.support_y, create_graph=False)
             return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
@@ -299,9 +304,10 @@ class MAML(nn.Module):
         def curve(p, r, sx, sy, qx, qy):  # noqa: ANN001, ANN202 - traced by vmap
             per_step: dict[str, list[Tensor]] = {}
             for s in range(steps + 1):
-                out, _ = functional_call(self.model, p, (qx,))
-                for k, v in self.query_loss(out, qy)[1].items():
-                    per_step.setdefault(k, []).append(v)
+                if s in at:
+                    out, _ = functional_call(self.model, p, (qx,))
+                    for k, v in self.query_loss(out, qy)[1].items():
+                        per_step.setdefault(k, []).append(v)
                 if s < steps:
                     p = self.inner_step(p, r, sx, sy, create_graph=False)
             return {k: torch.stack(v) for k, v in per_step.items()}
