@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +59,8 @@ class Sources:
 
 
 def inner_config(meta: DictConfig) -> InnerLoopConfig:
-    return InnerLoopConfig(
-        inner_lr=meta.inner_lr,
-        inner_steps=meta.inner_steps,
-        first_order=meta.first_order,
-        learn_inner_lr=meta.learn_inner_lr,
-        anil=meta.anil,
-        batching=meta.batching,
-        chunk=meta.chunk,
-    )
+    """The ``meta`` group's inner-loop keys, handed on unchanged (same names in both)."""
+    return InnerLoopConfig(**{f.name: meta[f.name] for f in fields(InnerLoopConfig)})
 
 
 def build_learner(model_cfg: DictConfig, source: Any, cfg: DictConfig, seed: int) -> MAML:

@@ -176,9 +176,7 @@ def make_mini(root: Path, fmt: str = "zip", *, without_test: bool = False) -> Pa
             (folder / "images" / name).write_bytes(raw)
     elif fmt == "pickle":
         for split, classes in MINI_CLASSES.items():
-            class_dict = {
-                c: list(range(i * PER_CLASS, (i + 1) * PER_CLASS)) for i, c in enumerate(classes)
-            }
+            class_dict = {c: list(range(i * PER_CLASS, (i + 1) * PER_CLASS)) for i, c in enumerate(classes)}
             name = "validation" if split == "val" else split  # learn2learn's val file name
             with open(folder / f"mini-imagenet-cache-{name}.pkl", "wb") as f:
                 pickle.dump({"image_data": data.arrays[split], "class_dict": class_dict}, f)
@@ -187,9 +185,7 @@ def make_mini(root: Path, fmt: str = "zip", *, without_test: bool = False) -> Pa
             with h5py.File(folder / f"{split}_data.hdf5", "w") as f:
                 group = f.create_group("datasets")
                 for i, c in enumerate(classes):
-                    group.create_dataset(
-                        c, data=data.arrays[split][i * PER_CLASS : (i + 1) * PER_CLASS]
-                    )
+                    group.create_dataset(c, data=data.arrays[split][i * PER_CLASS : (i + 1) * PER_CLASS])
             (folder / f"{split}_labels.json").write_text(json.dumps(sorted(classes)))
     return root
 
@@ -443,9 +439,7 @@ def test_unwritable_cache_dir_only_costs_the_cache(tmp_path: Path, caplog) -> No
 # --- errors name the culprit -----------------------------------------------------------------
 def test_missing_root_is_a_data_error(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(
-        DataError, match=rf"dataset.root={missing} does not exist.*METAKD_DATA_ROOT"
-    ):
+    with pytest.raises(DataError, match=rf"dataset.root={missing} does not exist.*METAKD_DATA_ROOT"):
         build_episode_sampler(OmniglotConfig(root=str(missing)), "train")
     with pytest.raises(DataError, match=r"does not exist: point it at the folder that holds train"):
         build_episode_sampler(mini_cfg(missing), "train")
@@ -463,9 +457,7 @@ def test_broken_archives_are_named(tmp_path: Path, damage: str) -> None:
     root = make_omniglot(tmp_path / "o", "zip")
     bad = root / "omniglot" / "images_evaluation.zip"
     bad.write_bytes(bad.read_bytes()[:300] if damage == "truncated" else b"<html>not found</html>")
-    with pytest.raises(
-        DataError, match=rf"{bad} is not a valid zip archive \(truncated or corrupt\)"
-    ):
+    with pytest.raises(DataError, match=rf"{bad} is not a valid zip archive \(truncated or corrupt\)"):
         load_omniglot(root, "val", splits_dir=make_splits(tmp_path / "splits"))
     mini = make_mini(tmp_path / "m", "zip")
     bad = mini / "miniimagenet" / "images.zip"
@@ -545,9 +537,7 @@ def test_download_verifies_md5_and_leaves_nothing_on_mismatch(tmp_path: Path) ->
     src.write_bytes(os.urandom(5000))
     good_md5 = hashlib.md5(src.read_bytes()).hexdigest()
     dest_dir = tmp_path / "dest"
-    with pytest.raises(
-        DataError, match=r"download of file:.* is corrupt \(md5 .*nothing was saved"
-    ):
+    with pytest.raises(DataError, match=r"download of file:.* is corrupt \(md5 .*nothing was saved"):
         archive.download(src.as_uri(), dest_dir / "a.bin", md5="0" * 32)
     assert list(dest_dir.iterdir()) == []
     out = archive.download(src.as_uri(), dest_dir / "a.bin", md5=good_md5)
@@ -623,9 +613,7 @@ def test_factory_builds_samplers_and_logs_preparation(tmp_path: Path, caplog) ->
     with caplog.at_level(logging.INFO, logger="metakd_run.data.images"):
         load_class_images(mini_cfg(root, image_size=32), "train")
     assert "loaded 3x8x3x32x32 uint8 images from cache" in caplog.text
-    with pytest.raises(
-        DataError, match=r"dataset.ways=3 but split 'val' of miniimagenet has only 2"
-    ):
+    with pytest.raises(DataError, match=r"dataset.ways=3 but split 'val' of miniimagenet has only 2"):
         build_episode_sampler(mini_cfg(root), "val")
     with pytest.raises(DataError, match=r"'trainval' is not a miniImageNet split"):
         build_episode_sampler(mini_cfg(root), "trainval")

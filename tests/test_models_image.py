@@ -8,7 +8,7 @@ are kept here, independent of ``metakd_run.meta``, to pin down the models' own b
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +25,15 @@ from metakd_run.models.resnet12 import ResNet12
 DT = torch.float64
 Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _assert_close(a: Tensor, b: Tensor, tol: float = 1e-12) -> None:
@@ -71,10 +80,7 @@ def test_resnet12_miniimagenet_shapes() -> None:
 def test_parameter_names_and_no_buffers() -> None:
     conv = Conv4((1, 28, 28), 5, filters=4)
     assert [n for n, _ in conv.named_parameters()] == [
-        f"block{i}.{layer}.{p}"
-        for i in range(1, 5)
-        for layer in ("conv", "norm")
-        for p in ("weight", "bias")
+        f"block{i}.{layer}.{p}" for i in range(1, 5) for layer in ("conv", "norm") for p in ("weight", "bias")
     ] + ["head.weight", "head.bias"]
     res = ResNet12((3, 32, 32), 5, widths=[2, 3, 4, 5])
     names = [n for n, _ in res.named_parameters()]
@@ -144,9 +150,7 @@ def meta_loss_loop(model: nn.Module, params: Params, batch: Batch, lr: float) ->
     """The same meta-loss, task by task, with ``autograd.grad(create_graph=True)``."""
     total = torch.zeros((), dtype=DT)
     for sx, sy, qx, qy in zip(*batch):
-        g = torch.autograd.grad(
-            _loss(model, params, sx, sy), list(params.values()), create_graph=True
-        )
+        g = torch.autograd.grad(_loss(model, params, sx, sy), list(params.values()), create_graph=True)
         fast = {k: p - lr * gk for (k, p), gk in zip(params.items(), g)}
         total = total + _loss(model, fast, qx, qy)
     return total / len(batch[0])
@@ -168,9 +172,7 @@ def _tiny_net(norm: type[MetaBatchNorm2d] = MetaBatchNorm2d) -> tuple[nn.Module,
     return model, params
 
 
-def _tasks(
-    in_shape: tuple[int, ...], n_way: int, tasks: int = 3, shot: int = 2, query: int = 3
-) -> Batch:
+def _tasks(in_shape: tuple[int, ...], n_way: int, tasks: int = 3, shot: int = 2, query: int = 3) -> Batch:
     gen = torch.Generator().manual_seed(1)
     sx = torch.randn(tasks, n_way * shot, *in_shape, dtype=DT, generator=gen)
     qx = torch.randn(tasks, n_way * query, *in_shape, dtype=DT, generator=gen)
@@ -255,10 +257,7 @@ def test_vmap_with_batched_params_matches_per_task_forward(name: str) -> None:
     torch.manual_seed(0)
     model, in_shape = MODELS[name]()
     model = model.to(DT)
-    params = {
-        k: v.detach() + 0.1 * torch.randn(3, *v.shape, dtype=DT)
-        for k, v in model.named_parameters()
-    }
+    params = {k: v.detach() + 0.1 * torch.randn(3, *v.shape, dtype=DT) for k, v in model.named_parameters()}
     x = torch.randn(3, 4, *in_shape, dtype=DT)
     out, feats = vmap(lambda p, xt: functional_call(model, p, (xt,)))(params, x)
     for t in range(3):

@@ -102,6 +102,9 @@ class MAML(nn.Module):
         else:
             self.inner_lrs = None
         self.batching = resolve_batching(cfg.batching, model)
+        # Grouped convolutions over all tasks at once are memory-bound on a CPU; a few tasks per
+        # graph keep each layer's activations in cache (measured: 4 tasks is the sweet spot).
+        self.chunk = cfg.chunk or (4 if self.batching == "batched" and _has_conv(model) else 0)
         if self.batching == "batched" and not hasattr(model, "batched_forward"):
             raise ValueError(
                 f"meta.batching=batched needs a model with batched_forward; {type(model).__name__} has none"
@@ -247,7 +250,7 @@ class MAML(nn.Module):
         qx_all = batch.query_x if query_x is None else query_x
         extra = dict(extra or {})
         total = batch.num_tasks
-        size = self.cfg.chunk if self.cfg.chunk > 0 else total
+        size = self.chunk if self.chunk > 0 else total
         sums: dict[str, Tensor] = {}
         for start in range(0, total, size):
             stop = min(start + size, total)
@@ -268,6 +271,14 @@ class MAML(nn.Module):
         steps = self.cfg.inner_steps if steps is None else steps
         params, lrs = self.frozen()
         if self.batching == "batched":
+            if 0 < self.chunk < sx.shape[0]:
+                parts = [
+                    self.adapted_outputs(
+                        sx[i : i + self.chunk], sy[i : i + self.chunk], qx[i : i + self.chunk], steps
+                    )
+                    for i in range(0, sx.shape[0], self.chunk)
+                ]
+                return torch.utils._pytree.tree_map(lambda *xs: torch.cat(xs), *parts)
             p = self.expand(params, sx.shape[0])
             for _ in range(steps):
                 p = self.batched_step(p, lrs, sx, sy, create_graph=False)
@@ -290,6 +301,9 @@ class MAML(nn.Module):
         """
         at = sorted(set(range(steps + 1) if at is None else at))
         params, lrs = self.frozen()
+        if self.batching == "batched" and 0 < self.chunk < batch.num_tasks:
+            parts = [self.adaptation_curve(part, steps, at) for part in batch.chunks(self.chunk)]
+            return {k: torch.cat([part[k] for part in parts], dim=1) for k in parts[0]}
         if self.batching == "batched":
             p = self.expand(params, batch.num_tasks)
             rows: list[dict[str, Tensor]] = []
@@ -318,17 +332,22 @@ class MAML(nn.Module):
 
 
 def resolve_batching(choice: str, model: nn.Module) -> str:
-    """``auto`` picks what ``scripts/benchmark.py`` measured as fastest for this kind of model.
+    """``auto`` picks what ``scripts/benchmark.py`` measured as fastest on the 2-core CPU.
 
-    On the 2-core CPU: MLPs are fastest ``batched`` (bmm), convolutional networks in a plain
-    ``loop`` (grouped convolutions and vmapped convolutions both lose to per-task convolutions
-    there); see the README's "Speed" section for the figures.
+    Models with a ``batched_forward`` (MLP: bmm; conv4: grouped convolutions, a few tasks per
+    graph) run ``batched``; other convolutional networks (resnet12) a plain ``loop``, because
+    vmapped convolutions lose to per-task ones on a CPU; anything else ``vmap``. The README's
+    "Speed" section has the figures.
     """
     if choice != "auto":
         return choice
-    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        return "loop"
-    return "batched" if hasattr(model, "batched_forward") else "vmap"
+    if hasattr(model, "batched_forward"):
+        return "batched"
+    return "loop" if _has_conv(model) else "vmap"
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def _key(name: str) -> str:
