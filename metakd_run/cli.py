@@ -157,6 +157,8 @@ def _compact(err: BaseException) -> str:
             line = line.strip()
             if line.startswith("Config search path"):
                 break
+            if line.endswith("_schema"):  # our structured-config schemas are not options to pick
+                continue
             if line and not line.startswith(skip) and line not in parts:
                 parts.append(line)
         e = e.__cause__
