@@ -214,15 +214,15 @@ def test_conv4_second_order_meta_gradient_matches_loop_and_finite_differences(ba
         assert abs((up - down).item() / (2 * eps) - ours[name][index].item()) <= 1e-6, name
 
 
-def test_conv4_auto_is_batched_in_chunks_and_evaluates_like_the_loop():
+def test_conv4_batched_runs_in_chunks_and_evaluates_like_the_loop():
     from metakd_run.models.conv4 import Conv4
 
     torch.manual_seed(13)
     model = Conv4((1, 12, 12), 3, filters=4, blocks=2).double()
     batch = _conv_batch(tasks=6)
-    auto = MAML(model, "classification", InnerLoopConfig(inner_lr=0.3, inner_steps=2))
-    loop = MAML(model, "classification", InnerLoopConfig(inner_lr=0.3, inner_steps=2, batching="loop"))
-    assert (auto.batching, auto.chunk) == ("batched", 4)
+    auto = MAML(model, "classification", InnerLoopConfig(inner_lr=0.3, inner_steps=2, batching="batched"))
+    loop = MAML(model, "classification", InnerLoopConfig(inner_lr=0.3, inner_steps=2))
+    assert (auto.batching, auto.chunk, loop.batching) == ("batched", 4, "loop")
     for a, b in zip(auto.adaptation_curve(batch, 3).values(), loop.adaptation_curve(batch, 3).values()):
         assert torch.allclose(a, b, atol=1e-10)
     out_a = auto.adapted_outputs(batch.support_x, batch.support_y, batch.query_x)

@@ -365,16 +365,17 @@ class MAML(nn.Module):
 def resolve_batching(choice: str, model: nn.Module) -> str:
     """``auto`` picks what ``scripts/benchmark.py`` measured as fastest on the 2-core CPU.
 
-    Models with a ``batched_forward`` (MLP: bmm; conv4: grouped convolutions, a few tasks per
-    graph) run ``batched``; other convolutional networks (resnet12) a plain ``loop``, because
-    vmapped convolutions lose to per-task ones on a CPU; anything else ``vmap``. The README's
-    "Speed" section has the figures.
+    MLPs run ``batched`` (bmm: 17-20x the per-task loop on the sinusoid shape). Convolutional
+    networks run a plain ``loop``: vmapped convolutions are 2x slower, and conv4's grouped
+    convolutions (``batched``) win only on small shapes (1.2x on the Omniglot CPU preset, 0.7x on
+    the paper's Omniglot shape), so the presets that profit set ``meta.batching=batched``
+    themselves. Anything else runs ``vmap``. The README's "Speed" section has the figures.
     """
     if choice != "auto":
         return choice
-    if hasattr(model, "batched_forward"):
-        return "batched"
-    return "loop" if _has_conv(model) else "vmap"
+    if _has_conv(model):
+        return "loop"
+    return "batched" if hasattr(model, "batched_forward") else "vmap"
 
 
 def _has_conv(model: nn.Module) -> bool:
