@@ -236,7 +236,10 @@ def validate(cfg: DictConfig) -> None:
     _check(meta.outer_lr > 0, "meta.outer_lr", meta.outer_lr, "must be > 0")
     _check(meta.meta_batch >= 1, "meta.meta_batch", meta.meta_batch, "must be >= 1")
     _check(
-        meta.batching in ("auto", "vmap", "loop"), "meta.batching", meta.batching, "choose auto, vmap or loop"
+        meta.batching in ("auto", "batched", "vmap", "loop"),
+        "meta.batching",
+        meta.batching,
+        "choose auto, batched, vmap or loop",
     )
     _check(meta.chunk >= 0, "meta.chunk", meta.chunk, "must be >= 0 (0: the whole meta-batch)")
     _check(
