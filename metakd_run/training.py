@@ -13,7 +13,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,6 @@ class StageSpec:
     device: torch.device
     dtype: torch.dtype
     progress: bool = True
-    extra_state: dict[str, Any] = field(default_factory=dict)
     on_gradients: Callable[[nn.Module], None] | None = None
     is_main: bool = True
     sample_tasks: Callable[[int], TaskBatch] | None = None  # iteration -> tasks (distributed.py)

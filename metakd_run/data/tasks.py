@@ -60,16 +60,3 @@ class TaskBatch:
         if size <= 0 or size >= self.num_tasks:
             return [self]
         return [self.slice(i, min(i + size, self.num_tasks)) for i in range(0, self.num_tasks, size)]
-
-    @staticmethod
-    def cat(batches: list[TaskBatch]) -> TaskBatch:
-        """Concatenate along the task dimension."""
-        first = batches[0]
-        return TaskBatch(
-            support_x=torch.cat([b.support_x for b in batches]),
-            support_y=torch.cat([b.support_y for b in batches]),
-            query_x=torch.cat([b.query_x for b in batches]),
-            query_y=torch.cat([b.query_y for b in batches]),
-            transfer_x=None if first.transfer_x is None else torch.cat([b.transfer_x for b in batches]),  # type: ignore[misc]
-            info={k: torch.cat([b.info[k] for b in batches]) for k in first.info},
-        )
