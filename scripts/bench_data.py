@@ -39,9 +39,7 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="where the cold runs write (default: a temporary folder, removed)",
     )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="decode processes (default: CPUs)"
-    )
+    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: CPUs)")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (0: PyTorch's default)"
     )
@@ -66,9 +64,7 @@ def bench_dataset(name: str, args: argparse.Namespace, cache_root: Path) -> dict
     data: ClassImages | None = None
     for _ in range(args.cold_repeats):
         shutil.rmtree(cache, ignore_errors=True)
-        seconds, data = timed(
-            load, args.root, args.split, size, cache_dir=cache, workers=args.workers
-        )
+        seconds, data = timed(load, args.root, args.split, size, cache_dir=cache, workers=args.workers)
         assert data.prepared_s is not None, "expected a cold build"
         cold.append(seconds)
     cached = []
@@ -82,9 +78,7 @@ def bench_dataset(name: str, args: argparse.Namespace, cache_root: Path) -> dict
     sampler.sample(args.tasks, generator)  # warm-up: first touch of the cached pages
     rates = []
     for _ in range(args.repeats):
-        seconds, _ = timed(
-            lambda: [sampler.sample(args.tasks, generator) for _ in range(args.calls)]
-        )
+        seconds, _ = timed(lambda: [sampler.sample(args.tasks, generator) for _ in range(args.calls)])
         rates.append(args.calls * args.tasks / seconds)
     return {
         "dataset": name,
