@@ -91,6 +91,8 @@ class MetaConfig:
     learn_inner_lr: bool = False
     anil: bool = False
     outer_lr: float = 0.001
+    outer_schedule: str = "constant"  # or "cosine": anneal to outer_lr_min over each stage (MAML++)
+    outer_lr_min: float = 0.0
     meta_batch: int = 25
     batching: str = "auto"
     chunk: int = 0
@@ -112,6 +114,7 @@ class KDConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 5000
+    student_iterations: int | None = None  # both student stages; None: same as iterations
     val_every: int = 500
     val_tasks: int = 100
     log_every: int = 50
@@ -234,6 +237,18 @@ def validate(cfg: DictConfig) -> None:
     _check(meta.inner_lr >= 0, "meta.inner_lr", meta.inner_lr, "must be >= 0")
     _check(meta.inner_steps >= 0, "meta.inner_steps", meta.inner_steps, "must be >= 0")
     _check(meta.outer_lr > 0, "meta.outer_lr", meta.outer_lr, "must be > 0")
+    _check(
+        meta.outer_schedule in ("constant", "cosine"),
+        "meta.outer_schedule",
+        meta.outer_schedule,
+        "choose constant or cosine",
+    )
+    _check(
+        0 <= meta.outer_lr_min <= meta.outer_lr,
+        "meta.outer_lr_min",
+        meta.outer_lr_min,
+        f"must be between 0 and meta.outer_lr ({meta.outer_lr})",
+    )
     _check(meta.meta_batch >= 1, "meta.meta_batch", meta.meta_batch, "must be >= 1")
     _check(
         meta.batching in ("auto", "batched", "vmap", "loop"),
@@ -261,6 +276,13 @@ def validate(cfg: DictConfig) -> None:
     _check(kd.source in ("adapted", "init"), "kd.source", kd.source, "choose adapted or init")
     _check(kd.transfer >= 0, "kd.transfer", kd.transfer, "must be >= 0")
     _check(train.iterations >= 1, "train.iterations", train.iterations, "must be >= 1")
+    if train.student_iterations is not None:
+        _check(
+            train.student_iterations >= 1,
+            "train.student_iterations",
+            train.student_iterations,
+            "must be >= 1, or null to use train.iterations",
+        )
     for key in ("val_every", "val_tasks", "log_every", "checkpoint_every"):
         _check(train[key] >= 1, f"train.{key}", train[key], "must be >= 1")
     stages = ("teacher", "student_kd", "student_base")

@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -97,12 +98,20 @@ class Experiment:
     def prepare(self) -> None:
         """Load every split before any training, so missing or bad data fail first."""
         ds = self.cfg.dataset
+        val_name = split_name(self.cfg, "val")
+        val = build_task_source(ds, val_name)
         self.src = Sources(
             train=build_task_source(ds, split_name(self.cfg, "train"), transfer=self.cfg.kd.transfer),
-            val=build_task_source(ds, split_name(self.cfg, "val")),
-            test=build_task_source(ds, self.cfg.eval.split),
+            val=val,
+            test=val if self.cfg.eval.split == val_name else build_task_source(ds, self.cfg.eval.split),
         )
         self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main)  # rank 0 alone logs
+        if self.cfg.eval.split == val_name and self.dist.is_main:
+            log.warning(
+                "eval.split=%s is also the validation split that picks the best checkpoints: "
+                "its accuracies are slightly optimistic (different tasks, same classes)",
+                self.cfg.eval.split,
+            )
 
     # --- stages ------------------------------------------------------------------------------
     def stage_spec(self, name: str, module: nn.Module, learner: MAML, step, src: Sources) -> StageSpec:  # noqa: ANN001
@@ -118,9 +127,11 @@ class Experiment:
             step=dist.wrap_step(step),
             source=src.train,
             val_tasks=val_tasks,
-            iterations=train.iterations,
+            iterations=stage_iterations(train, name),
             meta_batch=cfg.meta.meta_batch,
             outer_lr=cfg.meta.outer_lr,
+            outer_schedule=cfg.meta.outer_schedule,
+            outer_lr_min=cfg.meta.outer_lr_min,
             transfer=transfer,
             task_seed=task_seed,
             checkpoint_dir=self.ckpt_dir,
@@ -232,10 +243,13 @@ class Experiment:
         test_source = self.src.test
         tasks = fixed_tasks(test_source, ev.tasks, ev.seed, ev.batch)
         models: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
         for name, learner in learners.items():
+            tic = time.perf_counter()
             at = curve_steps(ev.steps, ev.report_steps, ev.every_step)
             curves = adaptation_curves(learner, tasks, ev.steps, self.device, self.dtype, at)
             metrics = summarise(curves, at, list(ev.report_steps))
+            seconds[name] = time.perf_counter() - tic
             if "task_loss" in metrics and learner.task == "regression":
                 metrics["mse"] = metrics.pop("task_loss")
             models[name] = {
@@ -256,9 +270,10 @@ class Experiment:
         }
         summary["objective"] = objective_value(summary)
         # Wall times and resumption facts vary between identical runs: they stay out of summary.json.
-        timings = {
+        timings: dict[str, Any] = {
             name: {k: v for k, v in r.items() if k not in TRAINING_KEYS} for name, r in results.items()
         }
+        timings["meta_test_seconds"] = seconds
         self.write_outputs(summary, timings, learners, tasks)
         return summary
 
@@ -296,6 +311,7 @@ def key_hparams(cfg: DictConfig) -> dict[str, Any]:
         "meta.learn_inner_lr": cfg.meta.learn_inner_lr,
         "meta.anil": cfg.meta.anil,
         "meta.outer_lr": cfg.meta.outer_lr,
+        "meta.outer_schedule": cfg.meta.outer_schedule,
         "meta.meta_batch": cfg.meta.meta_batch,
         "kd.distance": cfg.kd.distance,
         "kd.weight": cfg.kd.weight,
@@ -304,12 +320,20 @@ def key_hparams(cfg: DictConfig) -> dict[str, Any]:
         "kd.source": cfg.kd.source,
         "kd.transfer": cfg.kd.transfer,
         "train.iterations": cfg.train.iterations,
+        "train.student_iterations": stage_iterations(cfg.train, "student_kd"),
         "seed": cfg.seed,
     }
     for key in ("ways", "shots", "queries"):
         if key in ds:
             hp[f"dataset.{key}"] = ds[key]
     return hp
+
+
+def stage_iterations(train: DictConfig, stage: str) -> int:
+    """Meta-iterations of one stage: the students may get their own budget (the teacher is trained once)."""
+    if stage != "teacher" and train.student_iterations is not None:
+        return int(train.student_iterations)
+    return int(train.iterations)
 
 
 def _model_desc(model_cfg: DictConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ def test_run_folder_holds_config_summary_checkpoints_plots(tiny_run):
     assert summary["environment"]["torch"] == torch.__version__
     assert (run_dir / "test_tasks.png").stat().st_size > 1000
     assert not list((run_dir / "checkpoints").glob("*_last.pt"))  # finished stages leave no partial file
+    timings = json.loads((run_dir / "timings.json").read_text())
+    for name in STAGES:  # throughput counts training only: validation time is reported apart
+        t = timings[name]
+        assert 0 < t["validation_seconds"] < t["seconds"] and t["iterations"] == 12
+        assert t["tasks_per_second"] > 4 * 12 / t["seconds"]
+    assert set(timings["meta_test_seconds"]) == set(STAGES)
     # the table at the end names each model with mean ± CI per step
     for label in ("teacher", "student (MKD)", "student (baseline)"):
         assert label in proc.stdout
@@ -98,6 +105,8 @@ def test_same_seed_same_summary_other_seed_differs(tiny_run, run_cli, tmp_path):
         ("meta.inner_lr=fast", "meta.inner_lr"),
         ("meta.innerlr=0.1", "meta.innerlr"),
         ("dataset=nosuchset", "nosuchset"),
+        ("train.student_iterations=0", "train.student_iterations"),
+        ("meta.outer_schedule=linear", "meta.outer_schedule"),
     ],
 )
 def test_bad_values_fail_with_one_line_and_no_run_folder(run_cli, tmp_path, override, needle):
@@ -115,8 +124,17 @@ def test_train_only_the_teacher_then_reuse_it(run_cli, tmp_path: Path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert set(read_summary(tmp_path / "t")["models"]) == {"teacher"}
     ckpt = tmp_path / "t" / "checkpoints" / "teacher.pt"
-    second = run_cli(f"train.teacher_checkpoint={ckpt}", "kd.weight=0.5", run_dir=tmp_path / "s")
+    second = run_cli(
+        f"train.teacher_checkpoint={ckpt}",
+        "kd.weight=0.5",
+        "train.student_iterations=7",
+        run_dir=tmp_path / "s",
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     s1, s2 = read_summary(tmp_path / "t"), read_summary(tmp_path / "s")
     assert s2["models"]["teacher"]["metrics"] == s1["models"]["teacher"]["metrics"]
-    assert "teacher/train/loss" not in EventAccumulator(str(tmp_path / "s")).Reload().Tags()["scalars"]
+    assert s2["hparams"]["train.student_iterations"] == 7
+    ea = EventAccumulator(str(tmp_path / "s"), size_guidance={"scalars": 0}).Reload()
+    assert "teacher/train/loss" not in ea.Tags()["scalars"]
+    for name in ("student_kd", "student_base"):  # the students ran their own budget, not train.iterations
+        assert ea.Scalars(f"{name}/train/loss")[-1].step == 7

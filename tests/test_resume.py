@@ -15,8 +15,15 @@ import torch
 from metakd_run.checkpoint import CheckpointError, load, save_atomic
 from tests.conftest import TINY, metakd_run_exe
 
-# Long enough that a stage is still running when the test kills it, short enough for CI.
-LONGER = [*TINY, "train.iterations=400", "train.checkpoint_every=25", "train.val_every=100"]
+# Long enough that a stage is still running when the test kills it, short enough for CI; the
+# cosine schedule makes a resume that lost the scheduler's state end with a different summary.
+LONGER = [
+    *TINY,
+    "train.iterations=400",
+    "train.checkpoint_every=25",
+    "train.val_every=100",
+    "meta.outer_schedule=cosine",
+]
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -45,9 +52,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 def test_sigkill_mid_stage_then_resume_ends_with_the_same_summary(run_cli, tmp_path):
-    alone = run_cli(
-        "train.iterations=400", "train.checkpoint_every=25", "train.val_every=100", run_dir=tmp_path / "alone"
-    )
+    alone = run_cli(*LONGER[len(TINY) :], run_dir=tmp_path / "alone")
     assert alone.returncode == 0, alone.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
