@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from metakd_run.pipeline import stage_iterations
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("teacher", "student_kd", "student_base")
 
@@ -53,10 +55,6 @@ def main() -> int:
     args, overrides = parser.parse_known_args()
 
     cfg = compose(overrides)
-    full = {
-        "teacher": int(cfg.train.iterations),
-        "student": int(cfg.train.student_iterations or cfg.train.iterations),
-    }
     run_dir = args.keep or Path(tempfile.mkdtemp(prefix="preset_budget_")) / "run"
     probe = [
         f"train.iterations={args.probe}",
@@ -79,7 +77,7 @@ def main() -> int:
     for stage in STAGES:
         t = timings[stage]
         per_it = (t["seconds"] - t["validation_seconds"]) / args.probe
-        its = full["teacher" if stage == "teacher" else "student"]
+        its = stage_iterations(cfg.train, stage)
         vals = math.ceil(its / cfg.train.val_every)
         stage_total = per_it * its + vals * t["validation_seconds"]
         projected += stage_total
