@@ -7,6 +7,7 @@ tests at the end read the real data from ``$METAKD_DATA_ROOT`` and skip when it 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -16,21 +17,24 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageOps
 
-from metakd_run.config import MiniImageNetConfig, OmniglotConfig
-from metakd_run.data import archive, omniglot
+from metakd_run.config import MiniImageNetConfig, OmniglotConfig, SinusoidConfig
+from metakd_run.data import archive, build_task_source, omniglot
 from metakd_run.data.cache import default_cache_dir
 from metakd_run.data.episodes import EpisodeSampler
 from metakd_run.data.errors import DataError
-from metakd_run.data.images import build_episode_sampler, load_class_images
+from metakd_run.data.images import ImageDataSet, Source, Split, build_episode_sampler, load_class_images
 from metakd_run.data.miniimagenet import load_miniimagenet
 from metakd_run.data.omniglot import load_omniglot, read_split
+from metakd_run.data.registry import DATASETS
 
 # --- tiny Omniglot ---------------------------------------------------------------------------
 DRAWINGS = 6  # per character (the real set has 20)
@@ -158,8 +162,13 @@ def mini_files() -> MiniFiles:
     return MiniFiles(jpegs, csvs, arrays)
 
 
-def make_mini(root: Path, fmt: str = "zip", *, without_test: bool = False) -> Path:
-    """A tiny miniImageNet in ``root/miniimagenet``: csv+folder, csv+zip, pickles or HDF5."""
+def make_mini(
+    root: Path, fmt: str = "zip", *, without_test: bool = False, protocol: int | None = None
+) -> Path:
+    """A tiny miniImageNet in ``root/miniimagenet``: csv+folder, csv+zip, pickles or HDF5.
+
+    ``protocol`` is the pickle protocol of the pickles (default: Python's).
+    """
     folder = root / "miniimagenet"
     folder.mkdir(parents=True, exist_ok=True)
     data = mini_files()
@@ -179,7 +188,8 @@ def make_mini(root: Path, fmt: str = "zip", *, without_test: bool = False) -> Pa
             class_dict = {c: list(range(i * PER_CLASS, (i + 1) * PER_CLASS)) for i, c in enumerate(classes)}
             name = "validation" if split == "val" else split  # learn2learn's val file name
             with open(folder / f"mini-imagenet-cache-{name}.pkl", "wb") as f:
-                pickle.dump({"image_data": data.arrays[split], "class_dict": class_dict}, f)
+                content = {"image_data": data.arrays[split], "class_dict": class_dict}
+                pickle.dump(content, f, protocol=protocol)
     elif fmt == "hdf5":
         for split, classes in MINI_CLASSES.items():
             with h5py.File(folder / f"{split}_data.hdf5", "w") as f:
@@ -531,6 +541,55 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_pickles_of_every_protocol_load(tmp_path: Path, protocol: int) -> None:
+    """learn2learn's layout ({'image_data', 'class_dict'}); Python 3 writes protocol 2 bytes
+    through ``_codecs.encode``, which the restricted unpickler allows for latin-1 only."""
+    root = make_mini(tmp_path / "p", "pickle", protocol=protocol)
+    raw = (root / "miniimagenet" / "mini-imagenet-cache-validation.pkl").read_bytes()
+    assert raw[:2] == bytes([0x80, protocol])
+    data = load_miniimagenet(root, "val", 84)
+    expected = torch.from_numpy(mini_files().arrays["val"]).permute(0, 3, 1, 2)
+    assert data.classes == MINI_CLASSES["val"]
+    assert torch.equal(data.images.reshape(-1, 3, 84, 84), expected)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_protocol_2_pickle_naming_code_is_refused(tmp_path: Path, protocol: int) -> None:
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    class OtherCodec:  # _codecs.encode is allowed, but only as protocol 2 uses it (latin-1)
+        def __reduce__(self):
+            return (codecs.encode, ("abc", "rot13"))
+
+    folder = tmp_path / "miniimagenet"
+    folder.mkdir()
+    for payload, refused in ((Exploit(), r"refusing to load (posix|os|nt)\.system"), (OtherCodec(), "rot13")):
+        with open(folder / "mini-imagenet-cache-train.pkl", "wb") as f:
+            pickle.dump({"image_data": payload, "class_dict": {}}, f, protocol=protocol)
+        with pytest.raises(DataError, match=rf"mini-imagenet-cache-train.pkl .*{refused}") as err:
+            load_miniimagenet(tmp_path, "train")
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_unequal_classes_are_named(tmp_path: Path) -> None:
+    arrays = mini_files().arrays["train"]
+    class_dict = {"n01000001": list(range(8)), "n01000002": list(range(8, 16)), "n01000003": [16, 17]}
+    folder = tmp_path / "miniimagenet"
+    folder.mkdir()
+    with open(folder / "mini-imagenet-cache-train.pkl", "wb") as f:
+        pickle.dump({"image_data": arrays, "class_dict": class_dict}, f, protocol=2)
+    with pytest.raises(DataError, match=r"class n01000003 has 2 images in .*pkl where the others have 8"):
+        load_miniimagenet(tmp_path, "train", cache_dir=tmp_path / "cache")
+    with open(folder / "mini-imagenet-cache-train.pkl", "wb") as f:
+        pickle.dump({"image_data": arrays, "class_dict": {}}, f)
+    with pytest.raises(DataError, match=r"pkl holds no miniImageNet images for split 'train'"):
+        load_miniimagenet(tmp_path, "train")
+
+
 # --- downloads and extraction ----------------------------------------------------------------
 def test_download_verifies_md5_and_leaves_nothing_on_mismatch(tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
@@ -617,6 +676,92 @@ def test_factory_builds_samplers_and_logs_preparation(tmp_path: Path, caplog) ->
         build_episode_sampler(mini_cfg(root), "val")
     with pytest.raises(DataError, match=r"'trainval' is not a miniImageNet split"):
         build_episode_sampler(mini_cfg(root), "trainval")
+
+
+def test_registry_builds_every_source_from_attribute_only_configs(tmp_path: Path) -> None:
+    """``cfg`` may be a dataclass, a DictConfig or any object with the fields as attributes."""
+    root = make_mini(tmp_path, "zip")
+    fields = dict(ways=3, shots=1, queries=2, image_size=32, cache_dir=str(tmp_path / "c"), download=False)
+    image_cfgs = [
+        mini_cfg(root, image_size=32),
+        OmegaConf.structured(mini_cfg(root, image_size=32)),
+        SimpleNamespace(name="miniimagenet", root=str(root), **fields),
+    ]
+    for cfg in image_cfgs:
+        source = build_task_source(cfg, "train", transfer=1)
+        assert isinstance(source, EpisodeSampler) and source.in_shape == (3, 32, 32)
+    for cfg in (SinusoidConfig(shots=3), OmegaConf.structured(SinusoidConfig(shots=3))):
+        batch = build_task_source(cfg, "test").sample(2, torch.Generator().manual_seed(0))
+        assert batch.support_x.shape == (2, 3, 1)
+    assert set(DATASETS) == {"sinusoid", "omniglot", "miniimagenet"}
+    assert all(name == ds.name for name, ds in DATASETS.items())
+    with pytest.raises(DataError, match=r"dataset.name=cub is unknown: use one of sinusoid, omniglot"):
+        build_task_source(SimpleNamespace(name="cub"), "train")
+    with pytest.raises(DataError, match=r"dataset.name=sinusoid is not an image data set"):
+        load_class_images(SinusoidConfig(), "train")
+
+
+class _NpyGroups(Source):
+    def counts(self) -> dict[str, int]:
+        return {p.stem: int(np.load(p, mmap_mode="r").shape[0]) for p in self.files}
+
+    def read(self, groups: list[str], size: int, workers: int | None, desc: str) -> np.ndarray:
+        return np.concatenate([np.load(self.folder / f"{g}.npy") for g in groups])
+
+
+def _find_npy(folder: Path, split: Split) -> _NpyGroups | None:
+    where = folder / split.name
+    if not where.is_dir():
+        return None
+    return _NpyGroups(kind="npy", folder=where, files=sorted(where.glob("*.npy")), description=str(where))
+
+
+class NpySet(ImageDataSet):
+    """A data set added in one class: ``<root>/npyset/<split>/<class>.npy``, uint8 [M, 8, 8]."""
+
+    name = "npyset"
+    title = "NpySet"
+    folders = ("npyset",)
+    holds = "npyset/<split>/<class>.npy"
+    formats = (_find_npy,)
+
+    def split(self, name: str) -> Split:
+        return Split(name)
+
+    def missing(self, root: Path, split: Split, download: bool) -> str:
+        return f"no NpySet split '{split.name}' under {root}"
+
+
+def test_a_new_data_set_plugs_into_the_one_loader(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(DATASETS, "npyset", NpySet())
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "npyset" / "train"
+    folder.mkdir(parents=True)
+    arrays = {c: rng.integers(0, 255, (4, 8, 8), dtype=np.uint8) for c in ("b", "a", "c")}
+    for c, a in arrays.items():
+        np.save(folder / f"{c}.npy", a)
+    cfg = SimpleNamespace(
+        name="npyset",
+        root=str(tmp_path),
+        ways=2,
+        shots=1,
+        queries=3,
+        image_size=8,
+        cache_dir=None,
+        download=False,
+    )
+    data = load_class_images(cfg, "train")
+    assert data.classes == ["a", "b", "c"] and data.images.shape == (3, 4, 1, 8, 8)
+    assert torch.equal(data.images[1, :, 0], torch.from_numpy(arrays["b"]))
+    assert data.cache_file is not None and load_class_images(cfg, "train").prepared_s is None
+    assert build_task_source(cfg, "train").out_dim == 2
+    with pytest.raises(DataError, match=r"no NpySet split 'val' under"):
+        load_class_images(cfg, "val")
+    np.save(folder / "d.npy", arrays["a"][:3])
+    with pytest.raises(DataError, match=r"NpySet class d has 3 images in .*train where the others have 4"):
+        load_class_images(cfg, "train")
+    with pytest.raises(DataError, match=r"dataset.root=.*absent does not exist: .* npyset/<split>"):
+        load_class_images(SimpleNamespace(**{**vars(cfg), "root": str(tmp_path / "absent")}), "train")
 
 
 # --- the real data sets (skipped unless METAKD_DATA_ROOT names them) -------------------------

@@ -1,24 +1,17 @@
 """Task sources: everything the pipeline samples tasks from has ``sample(n, generator, transfer)``.
 
 A source also tells the models what they face: ``task`` (regression or classification),
-``in_shape`` and ``out_dim``.
+``in_shape`` and ``out_dim``. The data sets are listed in :mod:`metakd_run.data.registry`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
-import torch
+from metakd_run.data.errors import DataError
+from metakd_run.data.tasks import TaskBatch, TaskSource
 
-from metakd_run.data.tasks import TaskBatch
-
-
-class TaskSource(Protocol):
-    task: str
-    in_shape: tuple[int, ...]
-    out_dim: int
-
-    def sample(self, num_tasks: int, generator: torch.Generator, transfer: int = 0) -> TaskBatch: ...
+__all__ = ["DataError", "TaskBatch", "TaskSource", "build_task_source"]
 
 
 def build_task_source(cfg: Any, split: str, transfer: int = 0) -> TaskSource:
@@ -27,11 +20,8 @@ def build_task_source(cfg: Any, split: str, transfer: int = 0) -> TaskSource:
     ``transfer`` is the number of unlabelled inputs per task (per class for images) that the
     distillation stage will ask for, checked here so a split too small for it fails up front.
     """
-    if cfg.name == "sinusoid":
-        from metakd_run.data.sinusoid import SinusoidTasks
+    # Imported on first use: the registry brings every reader (h5py, PIL), which modules that
+    # only need TaskBatch (the meta core, the models' tests) should not pay for.
+    from metakd_run.data.registry import get_dataset
 
-        # The sinusoid family has no splits: held-out tasks come from separate seeds.
-        return SinusoidTasks(cfg.amplitude, cfg.phase, cfg.x_range, cfg.shots, cfg.queries, cfg.noise)
-    from metakd_run.data.images import build_episode_sampler
-
-    return build_episode_sampler(cfg, split, transfer=transfer)
+    return get_dataset(cfg.name).task_source(cfg, split, transfer)

@@ -22,17 +22,14 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
+from metakd_run.checkpoint import atomic_file, current_umask
 from metakd_run.data.errors import DataError
-
-try:  # optional: a progress bar when decoding or downloading takes a while
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is a dependency, but the data layer works without
-    tqdm = None
 
 _CHUNK = 1 << 20  # download block size
 _DECODE_CHUNK = 512  # images per worker task: big enough to amortise the IPC
@@ -52,58 +49,38 @@ def md5sum(path: Path) -> str:
 def download(url: str, dest: Path, md5: str | None = None, *, timeout: float = 60.0) -> Path:
     """Fetch ``url`` to ``dest``, verifying ``md5``; on any failure nothing is left behind.
 
-    The bytes stream to a temporary file next to ``dest`` (same file system, so the final
-    ``os.replace`` is atomic) and are fsynced before the rename.
+    The bytes stream through :func:`~metakd_run.checkpoint.atomic_file`, so ``dest`` appears
+    only once it is complete and its checksum is right.
     """
     dest = Path(dest)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    except OSError as err:
-        raise DataError(
-            f"cannot write the download to {dest.parent} ({err}): make it writable or set "
-            "dataset.root to a writable folder"
-        ) from err
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_file(dest, suffix=".part") as out:
             digest = _stream(url, out, timeout)
-            out.flush()
-            os.fsync(out.fileno())
-        if md5 is not None and digest != md5.lower():
-            raise DataError(
-                f"download of {url} is corrupt (md5 {digest}, expected {md5}); nothing was "
-                f"saved: try again, or download it by hand to {dest}"
-            )
-        tmp.chmod(0o644)  # mkstemp makes it private; a data folder is usually shared
-        os.replace(tmp, dest)
+            if md5 is not None and digest != md5.lower():
+                raise DataError(
+                    f"download of {url} is corrupt (md5 {digest}, expected {md5}); nothing was "
+                    f"saved: try again, or download it by hand to {dest}"
+                )
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise DataError(
             f"could not download {url} to {dest} ({_reason(err)}); nothing was saved: check the "
-            f"network and the disk, or download it by hand to {dest}"
+            f"network and that {dest.parent} is writable, or download it by hand to {dest}"
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)  # no-op after the rename; removes a partial file otherwise
     return dest
 
 
-def _stream(url: str, out: io.BufferedWriter, timeout: float) -> str:
+def _stream(url: str, out: IO[bytes], timeout: float) -> str:
     """Copy the response body of ``url`` to ``out``; returns its md5."""
     digest = hashlib.md5()
     with urllib.request.urlopen(url, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        bar = _progress(total, f"download {url.rsplit('/', 1)[-1]}", unit="B")
         received = 0
-        try:
+        with _progress(total, f"download {url.rsplit('/', 1)[-1]}", unit="B") as bar:
             for block in iter(lambda: response.read(_CHUNK), b""):
                 digest.update(block)
                 out.write(block)
                 received += len(block)
-                if bar is not None:
-                    bar.update(len(block))
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update(len(block))
     if total is not None and received != total:
         raise OSError(f"connection closed after {received} of {total} bytes")
     return digest.hexdigest()
@@ -149,6 +126,7 @@ def extract_zip(archive: Path, dest: Path) -> Path:
                 zf.extractall(tmp)
             except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as err:
                 raise _bad_zip(archive) from err
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the rename keeps that
         os.replace(tmp, dest)
     except OSError as err:
         raise DataError(
@@ -283,17 +261,14 @@ def decode_images(
     chunks = [refs[i : i + _DECODE_CHUNK] for i in range(0, len(refs), _DECODE_CHUNK)]
     if not chunks:
         raise ValueError("no images to decode")
-    bar = _progress(len(refs), desc or "decode images", unit="img")
     parts: list[np.ndarray] = []
     try:
-        for part in _map_chunks(chunks, fmt, workers if len(refs) >= _MIN_PARALLEL else 1):
-            parts.append(part)
-            if bar is not None:
+        with _progress(len(refs), desc or "decode images", unit="img") as bar:
+            for part in _map_chunks(chunks, fmt, workers if len(refs) >= _MIN_PARALLEL else 1):
+                parts.append(part)
                 bar.update(len(part))
     finally:
         _close_zips()
-        if bar is not None:
-            bar.close()
     return np.concatenate(parts)
 
 
@@ -316,9 +291,6 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _progress(total: int | None, desc: str, unit: str) -> Any:
-    """A tqdm bar on a terminal (``disable=None`` hides it in logs and tests), else None."""
-    if tqdm is None:
-        return None
-    scale = unit == "B"
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, disable=None, leave=False)
+def _progress(total: int | None, desc: str, unit: str) -> tqdm:
+    """A tqdm bar, shown on a terminal only (``disable=None`` hides it in logs and tests)."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", disable=None, leave=False)

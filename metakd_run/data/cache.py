@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from metakd_run.checkpoint import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def _check(payload: Any, digest: str) -> str | None:
 
 
 def _save(path: Path, digest: str, classes: list[str], images: Tensor) -> bool:
-    """Write atomically (temp file, fsync, rename); a failure only costs the cache."""
+    """Write atomically, readable by whoever shares the folder; a failure only costs the cache."""
     payload = {
         "format": FORMAT_VERSION,
         "key": digest,
@@ -157,19 +158,9 @@ def _save(path: Path, digest: str, classes: list[str], images: Tensor) -> bool:
         "images": images,
         "crc32": _checksum(images),
     }
-    tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.chmod(0o644)  # mkstemp makes it private; a shared cache folder serves every user
-        os.replace(tmp, path)
-        tmp = None
-        return True
     except OSError as err:
         log.warning(
             "cannot write the data cache %s (%s); continuing without it: set dataset.cache_dir "
@@ -178,9 +169,7 @@ def _save(path: Path, digest: str, classes: list[str], images: Tensor) -> bool:
             err,
         )
         return False
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    return True
 
 
 def _remove_stale(keep: Path, stem: str) -> None:

@@ -9,8 +9,8 @@ this order of preference:
    names, sorted, are the classes);
 2. the pickle caches ``mini-imagenet-cache-{split}.pkl`` (``image_data`` uint8
    ``[N, 84, 84, 3]``, ``class_dict`` ``{class: [indices]}``; learn2learn names the val file
-   ``mini-imagenet-cache-validation.pkl``). Only numpy arrays and plain containers are
-   unpickled, so a malicious pickle cannot run code;
+   ``mini-imagenet-cache-validation.pkl``), written with any pickle protocol (2 to 5). Only
+   numpy arrays and plain containers are unpickled, so a malicious pickle cannot run code;
 3. ``{split}.csv`` (``filename,label``) with an ``images/`` folder, or with ``images.zip``
    (``images/<filename>``), the layout of the widely used download.
 
@@ -20,25 +20,25 @@ whose size differs from ``image_size`` are resized with PIL's LANCZOS filter.
 
 from __future__ import annotations
 
+import _codecs
 import csv
 import json
 import os
 import pickle
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-import torch
-from torch import Tensor
 
 from metakd_run.data import archive
 from metakd_run.data.archive import ImageFormat
-from metakd_run.data.cache import cache_stem, file_identity, load_or_build
+from metakd_run.data.cache import file_identity
 from metakd_run.data.episodes import ClassImages
 from metakd_run.data.errors import DataError
+from metakd_run.data.images import ImageDataSet, Source, Split, load_split, open_hdf5
 
 NAME = "miniimagenet"
 SPLITS = ("train", "val", "test")
@@ -47,89 +47,40 @@ PICKLES = {
     "val": ("mini-imagenet-cache-val.pkl", "mini-imagenet-cache-validation.pkl"),
     "test": ("mini-imagenet-cache-test.pkl",),
 }
-_FOLDERS = ("", NAME, "mini-imagenet", "mini_imagenet")
-
-
-@dataclass
-class _Plan:
-    """A split found on disk: what identifies it, and how to decode it."""
-
-    kind: str
-    description: str
-    identity: list[list[Any]]  # [path, size, mtime_ns] of every file read
-    classes: list[str] | None  # None: known only after reading the file (pickles)
-    decode: Callable[[int, int | None], tuple[np.ndarray, list[str]]]  # -> [C, M, s, s, 3]
-
-
-# --- public entry ------------------------------------------------------------------------------
-def load_miniimagenet(
-    root: Path | str,
-    split: str,
-    image_size: int = 84,
-    *,
-    cache_dir: Path | None = None,
-    download: bool = False,
-    workers: int | None = None,
-) -> ClassImages:
-    """Split ``split`` as uint8 ``[C, 600, 3, image_size, image_size]``, decoded once and cached.
-
-    ``download`` cannot fetch miniImageNet (it has no official public address); it only
-    changes the advice given when the data are missing.
-    """
-    root = Path(root).expanduser()
-    if split not in SPLITS:
-        raise DataError(f"'{split}' is not a miniImageNet split: use one of {', '.join(SPLITS)}")
-    plan = find_split(root, split, download)
-    key = {
-        "dataset": NAME,
-        "source": plan.kind,
-        "files": plan.identity,
-        "classes": plan.classes,
-        "image_size": image_size,
-    }
-
-    def build() -> tuple[Tensor, list[str]]:
-        images, classes = plan.decode(image_size, workers)
-        return torch.from_numpy(images).permute(0, 1, 4, 2, 3).contiguous(), classes
-
-    result = load_or_build(cache_dir, cache_stem(NAME, split, image_size, root), key, build)
-    return ClassImages(
-        result.images, result.classes, NAME, split, plan.description, result.path, result.built_s
-    )
-
-
-def find_split(root: Path, split: str, download: bool = False) -> _Plan:
-    """The preferred source of ``split`` under ``root``; DataError if there is none."""
-    folders = [f for f in dict.fromkeys(root / name for name in _FOLDERS) if f.is_dir()]
-    for finder in (_hdf5_plan, _pickle_plan, _csv_plan):
-        for folder in folders:
-            plan = finder(folder, split)
-            if plan is not None:
-                return plan
-    advice = (
-        "dataset.download cannot fetch miniImageNet (it has no official public address): " if download else ""
-    )
-    raise DataError(
-        f"no miniImageNet data for split '{split}' under {root}: expected {split}.csv with "
-        f"images/ or images.zip, {PICKLES[split][0]}, or torchmeta's {split}_data.hdf5 in "
-        f"{root} or {root / NAME}; {advice}download it and point dataset.root there"
-    )
+_RGB = "RGB"
 
 
 # --- torchmeta HDF5 ----------------------------------------------------------------------------
-def _hdf5_plan(folder: Path, split: str) -> _Plan | None:
-    path = folder / f"{split}_data.hdf5"
+@dataclass(kw_only=True)
+class _Hdf5(Source):
+    """``{split}_data.hdf5``: one uint8 dataset ``[600, 84, 84, 3]`` per class."""
+
+    path: Path
+
+    def counts(self) -> dict[str, int]:
+        with open_hdf5(self.path) as f:
+            group = _datasets(f)
+            return {c: int(group[c].shape[0]) for c in self.listed or ()}
+
+    def read(self, groups: list[str], size: int, workers: int | None, desc: str) -> np.ndarray:
+        with open_hdf5(self.path) as f:
+            group = _datasets(f)
+            flat = np.concatenate([np.asarray(group[c], dtype=np.uint8) for c in groups])
+        return archive.resize_stack(flat, ImageFormat(_RGB, size))
+
+
+def _datasets(f: h5py.File) -> h5py.Group:
+    return f["datasets"] if "datasets" in f else f
+
+
+def _find_hdf5(folder: Path, split: Split) -> _Hdf5 | None:
+    path = folder / f"{split.name}_data.hdf5"
     if not path.is_file():
         return None
-    labels_path = folder / f"{split}_labels.json"
-    try:
-        with h5py.File(path, "r") as f:
-            group = f["datasets"] if "datasets" in f else f
-            names = sorted(k for k, v in group.items() if isinstance(v, h5py.Dataset))
-    except OSError as err:
-        raise DataError(f"{path} is not a readable HDF5 file ({err}): delete it, rebuild") from err
-    classes = names
-    files = [path]
+    with open_hdf5(path) as f:
+        names = sorted(k for k, v in _datasets(f).items() if isinstance(v, h5py.Dataset))
+    classes, files = names, [path]
+    labels_path = folder / f"{split.name}_labels.json"
     if labels_path.is_file():
         classes = sorted(_read_labels(labels_path))
         files.append(labels_path)
@@ -139,14 +90,7 @@ def _hdf5_plan(folder: Path, split: str) -> _Plan | None:
                 f"{labels_path} names {len(absent)} class(es) absent from {path}, e.g. "
                 f"'{absent[0]}': the two files do not belong together; rebuild them"
             )
-
-    def decode(size: int, workers: int | None) -> tuple[np.ndarray, list[str]]:
-        with h5py.File(path, "r") as f:
-            group = f["datasets"] if "datasets" in f else f
-            stacks = [np.asarray(group[c], dtype=np.uint8) for c in classes]
-        return _stack_classes(stacks, classes, size, str(path)), classes
-
-    return _Plan("hdf5", str(path), file_identity(files), classes, decode)
+    return _Hdf5(kind="hdf5", folder=folder, files=files, description=str(path), listed=classes, path=path)
 
 
 def _read_labels(path: Path) -> list[str]:
@@ -160,6 +104,13 @@ def _read_labels(path: Path) -> list[str]:
 
 
 # --- pickle caches -----------------------------------------------------------------------------
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as pickle protocols 0-2 use it: bytes stored as a latin-1 string."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing to load _codecs.encode with encoding {encoding!r}")
+    return _codecs.encode(text, "latin1", errors)
+
+
 _PICKLE_ALLOWED = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -174,26 +125,45 @@ _PICKLE_ALLOWED = {
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and plain containers only: a pickle cannot run code here."""
+    """Unpickles numpy arrays and plain containers only: a pickle cannot run code here.
+
+    Protocols 3-5 store bytes natively; protocols 0-2 (Python 3 writing for Python 2) store
+    each array's bytes as ``_codecs.encode(<latin-1 text>, "latin1")``, which is allowed with
+    that one encoding and no other.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if (module, name) in _PICKLE_ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _pickle_plan(folder: Path, split: str) -> _Plan | None:
-    path = next((folder / n for n in PICKLES[split] if (folder / n).is_file()), None)
+@dataclass(kw_only=True)
+class _Pickle(Source):
+    """``mini-imagenet-cache-{split}.pkl``: ``image_data [N, 84, 84, 3]`` and ``class_dict``."""
+
+    path: Path
+
+    @cached_property
+    def content(self) -> tuple[np.ndarray, dict[str, Any]]:
+        return _read_pickle(self.path)
+
+    def counts(self) -> dict[str, int]:
+        return {c: len(indices) for c, indices in self.content[1].items()}
+
+    def read(self, groups: list[str], size: int, workers: int | None, desc: str) -> np.ndarray:
+        images, class_dict = self.content
+        index = np.concatenate([np.asarray(class_dict[c], dtype=np.int64) for c in groups])
+        return archive.resize_stack(images[index], ImageFormat(_RGB, size))
+
+
+def _find_pickle(folder: Path, split: Split) -> _Pickle | None:
+    path = next((folder / n for n in PICKLES[split.name] if (folder / n).is_file()), None)
     if path is None:
         return None
-
-    def decode(size: int, workers: int | None) -> tuple[np.ndarray, list[str]]:
-        images, class_dict = _read_pickle(path)
-        classes = sorted(class_dict)
-        stacks = [images[np.asarray(class_dict[c], dtype=np.int64)] for c in classes]
-        return _stack_classes(stacks, classes, size, str(path)), classes
-
-    return _Plan("pickle", str(path), file_identity([path]), None, decode)
+    return _Pickle(kind="pickle", folder=folder, files=[path], description=str(path), path=path)
 
 
 def _read_pickle(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -212,33 +182,63 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 # --- CSV + images/ or images.zip ---------------------------------------------------------------
-def _csv_plan(folder: Path, split: str) -> _Plan | None:
-    csv_path = folder / f"{split}.csv"
+@dataclass(kw_only=True)
+class _Csv(Source):
+    """``{split}.csv`` (``filename,label``) with the images in ``images/`` or ``images.zip``."""
+
+    by_class: dict[str, list[str]]  # label -> image file names
+    refs: dict[str, archive.ImageRef] | None = None  # from images/; None: list images.zip on demand
+    image_files: list[list[Any]] = field(default_factory=list)  # [path, size, mtime] of images/ files
+
+    def identity(self, split: Split) -> list[list[Any]]:
+        return [*file_identity(self.files), *self.image_files]
+
+    def counts(self) -> dict[str, int]:
+        return {c: len(names) for c, names in self.by_class.items()}
+
+    def read(self, groups: list[str], size: int, workers: int | None, desc: str) -> np.ndarray:
+        names = [n for c in groups for n in self.by_class[c]]
+        refs = self.refs
+        if refs is None:  # listing 60,000 members takes a while: only on a cache miss
+            csv_path, zip_path = self.files
+            refs = _zip_refs(zip_path, names, csv_path)
+        todo = [refs[n] for n in names]
+        return archive.decode_images(todo, ImageFormat(_RGB, size), workers=workers, desc=desc)
+
+
+def _find_csv(folder: Path, split: Split) -> _Csv | None:
+    csv_path = folder / f"{split.name}.csv"
     if not csv_path.is_file():
         return None
     by_class = _read_csv(csv_path)
     classes = sorted(by_class)
     names = [n for c in classes for n in by_class[c]]
-    per_class = _same_count(by_class, str(csv_path))
     images_dir, zip_path = folder / "images", folder / "images.zip"
     if images_dir.is_dir():
-        refs, files = _folder_refs(images_dir, names, split, csv_path)
-        kind, where, identity = "folder", str(images_dir), [*file_identity([csv_path]), *files]
-    elif zip_path.is_file():  # listing 60,000 members takes a while: only on a cache miss
-        refs = None
-        kind, where, identity = "zip", str(zip_path), file_identity([csv_path, zip_path])
-    else:
-        raise DataError(
-            f"{csv_path} found but neither {images_dir}/ nor {zip_path} exists: put the "
-            "images next to the split files"
+        refs, image_files = _folder_refs(images_dir, names, csv_path)
+        return _Csv(
+            kind="folder",
+            folder=folder,
+            files=[csv_path],
+            description=str(images_dir),
+            listed=classes,
+            by_class=by_class,
+            refs=refs,
+            image_files=image_files,
         )
-
-    def decode(size: int, workers: int | None) -> tuple[np.ndarray, list[str]]:
-        todo = refs if refs is not None else _zip_refs(zip_path, names, split, csv_path)
-        flat = archive.decode_images(todo, ImageFormat("RGB", size), workers=workers, desc=f"{NAME} {split}")
-        return flat.reshape(len(classes), per_class, size, size, 3), classes
-
-    return _Plan(kind, where, identity, classes, decode)
+    if zip_path.is_file():
+        return _Csv(
+            kind="zip",
+            folder=folder,
+            files=[csv_path, zip_path],
+            description=str(zip_path),
+            listed=classes,
+            by_class=by_class,
+        )
+    raise DataError(
+        f"{csv_path} found but neither {images_dir}/ nor {zip_path} exists: put the "
+        "images next to the split files"
+    )
 
 
 def _read_csv(path: Path) -> dict[str, list[str]]:
@@ -258,51 +258,80 @@ def _read_csv(path: Path) -> dict[str, list[str]]:
     return by_class
 
 
-def _same_count(by_class: dict[str, list[Any]], where: str) -> int:
-    counts = {c: len(v) for c, v in by_class.items()}
-    usual = max(set(counts.values()), key=list(counts.values()).count)
-    for c, n in counts.items():
-        if n != usual:
-            raise DataError(
-                f"class {c} has {n} images in {where} where the others have {usual}: every "
-                "class needs the same number; restore the data"
-            )
-    return usual
-
-
-def _check_missing(split: str, missing: list[str], total: int, csv_path: Path, where: Path) -> None:
+def _check_missing(missing: list[str], total: int, csv_path: Path, where: Path) -> None:
     if missing:
         raise DataError(
-            f"miniImageNet split '{split}': {len(missing)} of {total} images listed in "
+            f"miniImageNet split '{csv_path.stem}': {len(missing)} of {total} images listed in "
             f"{csv_path} are missing from {where} (e.g. {missing[0]}): this copy lacks them; "
             f"get the complete images (all 100 classes) or use another split (e.g. eval.split=val)"
         )
 
 
 def _folder_refs(
-    images_dir: Path, names: list[str], split: str, csv_path: Path
-) -> tuple[list[archive.ImageRef], list[list[Any]]]:
-    stats = {}
+    images_dir: Path, names: list[str], csv_path: Path
+) -> tuple[dict[str, archive.ImageRef], list[list[Any]]]:
+    """Each listed image's file in ``images/``, and its [path, size, mtime] for the cache key."""
     with os.scandir(images_dir) as entries:
-        for entry in entries:
-            stats[entry.name] = entry
-    _check_missing(split, [n for n in names if n not in stats], len(names), csv_path, images_dir)
+        stats = {entry.name: entry for entry in entries}
+    _check_missing([n for n in names if n not in stats], len(names), csv_path, images_dir)
     identity = []
     for n in names:
         st = stats[n].stat()
         identity.append([str(images_dir / n), st.st_size, st.st_mtime_ns])
-    return [(None, str(images_dir / n)) for n in names], identity
+    return {n: (None, str(images_dir / n)) for n in names}, identity
 
 
-def _zip_refs(zip_path: Path, names: list[str], split: str, csv_path: Path) -> list[archive.ImageRef]:
+def _zip_refs(zip_path: Path, names: list[str], csv_path: Path) -> dict[str, archive.ImageRef]:
+    """Each listed image's member of ``images.zip`` (any folder inside it)."""
     with archive.open_zip(zip_path) as zf:
         members = {m.rsplit("/", 1)[-1]: m for m in zf.namelist() if not m.endswith("/")}
-    _check_missing(split, [n for n in names if n not in members], len(names), csv_path, zip_path)
-    return [(str(zip_path), members[n]) for n in names]
+    _check_missing([n for n in names if n not in members], len(names), csv_path, zip_path)
+    return {n: (str(zip_path), members[n]) for n in names}
 
 
-def _stack_classes(stacks: list[np.ndarray], classes: list[str], size: int, where: str) -> np.ndarray:
-    """Per-class uint8 ``[M, H, W, 3]`` arrays -> one ``[C, M, size, size, 3]`` array."""
-    _same_count({c: s for c, s in zip(classes, stacks)}, where)
-    fmt = ImageFormat("RGB", size)
-    return np.stack([archive.resize_stack(s, fmt) for s in stacks])
+# --- the data set ------------------------------------------------------------------------------
+class MiniImageNet(ImageDataSet):
+    """miniImageNet: each split has its own files, which name its classes."""
+
+    name = NAME
+    title = "miniImageNet"
+    folders = ("", NAME, "mini-imagenet", "mini_imagenet")
+    holds = "train.csv, val.csv, test.csv and images/ or images.zip (or miniimagenet/ with them)"
+    formats = (_find_hdf5, _find_pickle, _find_csv)
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise DataError(f"'{name}' is not a miniImageNet split: use one of {', '.join(SPLITS)}")
+        return Split(name)
+
+    def missing(self, root: Path, split: Split, download: bool) -> str:
+        advice = (
+            "dataset.download cannot fetch miniImageNet (it has no official public address): "
+            if download
+            else ""
+        )
+        return (
+            f"no miniImageNet data for split '{split.name}' under {root}: expected {split.name}.csv "
+            f"with images/ or images.zip, {PICKLES[split.name][0]}, or torchmeta's "
+            f"{split.name}_data.hdf5 in {root} or {root / NAME}; {advice}download it and point "
+            "dataset.root there"
+        )
+
+
+def load_miniimagenet(
+    root: Path | str,
+    split: str,
+    image_size: int = 84,
+    *,
+    cache_dir: Path | None = None,
+    download: bool = False,
+    workers: int | None = None,
+) -> ClassImages:
+    """Split ``split`` as uint8 ``[C, 600, 3, image_size, image_size]``, decoded once and cached.
+
+    ``download`` cannot fetch miniImageNet (it has no official public address); it only
+    changes the advice given when the data are missing.
+    """
+    return load_split(
+        MiniImageNet(), root, split, image_size, cache_dir=cache_dir, download=download, workers=workers
+    )

@@ -24,7 +24,8 @@ from __future__ import annotations
 import importlib.resources
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,10 @@ from torch import Tensor
 
 from metakd_run.data import archive
 from metakd_run.data.archive import ImageFormat
-from metakd_run.data.cache import cache_stem, file_identity, load_or_build
+from metakd_run.data.cache import file_identity
 from metakd_run.data.episodes import ClassImages
 from metakd_run.data.errors import DataError
+from metakd_run.data.images import ImageDataSet, Source, Split, load_split, open_hdf5
 
 NAME = "omniglot"
 SPLITS = ("train", "val", "test", "trainval")
@@ -120,51 +122,33 @@ def _parse_line(line: str, where: str) -> SplitEntry:
 Catalog = tuple[dict[str, Any], dict[str, int]]  # character -> images (refs or HDF5 name), count
 
 
-@dataclass
-class _Source:
-    """Where the drawings are. Listing them (``catalog``) is deferred: a cache hit skips it."""
+@dataclass(kw_only=True)
+class _Drawings(Source):
+    """The drawings of every character in one format; listing them waits for a cache miss."""
 
-    kind: str  # "zip", "folders" or "hdf5"
-    folder: Path
-    present: list[Path]
-    absent: list[str]
-
-    @property
-    def description(self) -> str:
-        return ", ".join(str(p) for p in self.present)
+    catalog_of: Callable[[list[Path]], Catalog] = field(repr=False)
 
     @cached_property
     def catalog(self) -> Catalog:
-        return _LISTERS[self.kind](self.present)
+        return self.catalog_of(self.files)
 
-    def identity(self, characters: list[str]) -> list[list[Any]]:
-        """What the cache key records; a folder tree has no single mtime, so its files count."""
+    def identity(self, split: Split) -> list[list[Any]]:
+        """A folder tree has no single mtime: its drawings of the split's characters count."""
         if self.kind != "folders":
-            return file_identity(self.present)
+            return file_identity(self.files)
         index = self.catalog[0]
-        return file_identity(Path(ref[1]) for c in characters for ref in index.get(c, []))
+        return file_identity(Path(ref[1]) for c in split.groups or () for ref in index.get(c, []))
 
-    def decode(self, characters: list[str], size: int, workers: int | None, desc: str) -> np.ndarray:
-        """``[len(characters), M, size, size]`` uint8, ink 255 on 0."""
-        index, _ = self.catalog
-        per_char = _count_per_character(self, characters)
+    def counts(self) -> dict[str, int]:
+        return self.catalog[1]
+
+    def read(self, groups: list[str], size: int, workers: int | None, desc: str) -> np.ndarray:
+        """``[n, size, size]`` uint8, ink 255 on 0."""
+        index = self.catalog[0]
         if self.kind == "hdf5":
-            return _decode_hdf5(self.present[0], [index[c] for c in characters], size)
-        refs: list[archive.ImageRef] = [ref for c in characters for ref in index[c]]
-        flat = archive.decode_images(refs, ImageFormat("L", size, invert=True), workers=workers, desc=desc)
-        return flat.reshape(len(characters), per_char, size, size)
-
-
-def _count_per_character(source: _Source, characters: list[str]) -> int:
-    counts = {c: source.catalog[1][c] for c in characters}
-    usual = max(set(counts.values()), key=list(counts.values()).count)
-    for c, n in counts.items():
-        if n != usual:
-            raise DataError(
-                f"Omniglot character {c} has {n} drawings in {source.description} where the "
-                f"others have {usual}: the data are incomplete; restore them or download again"
-            )
-    return usual
+            return _read_hdf5(self.files[0], [index[c] for c in groups], size)
+        refs: list[archive.ImageRef] = [ref for c in groups for ref in index[c]]
+        return archive.decode_images(refs, ImageFormat("L", size, invert=True), workers=workers, desc=desc)
 
 
 def _list_zips(paths: list[Path]) -> Catalog:
@@ -195,109 +179,107 @@ def _list_hdf5(paths: list[Path]) -> Catalog:
     """Datasets ``[M, 105, 105]`` under ``images_*/<Alphabet>/<characterNN>`` (or top-level)."""
     index: dict[str, str] = {}
     counts: dict[str, int] = {}
-    try:
-        with h5py.File(paths[0], "r") as f:
-            for char, data in _hdf5_characters(f):
-                index[char] = data.name
-                counts[char] = int(data.shape[0])
-    except OSError as err:
-        raise DataError(f"{paths[0]} is not a readable HDF5 file ({err}): delete it and rebuild it") from err
+    with open_hdf5(paths[0]) as f:
+        tops = [f[p] for p in PARTS if p in f] or [f]
+        for top in tops:
+            for alphabet, group in top.items():
+                if not isinstance(group, h5py.Group):
+                    continue
+                for char, data in group.items():
+                    if isinstance(data, h5py.Dataset):
+                        index[f"{alphabet}/{char}"] = data.name
+                        counts[f"{alphabet}/{char}"] = int(data.shape[0])
     return index, counts
 
 
-_LISTERS = {"zip": _list_zips, "folders": _list_folders, "hdf5": _list_hdf5}
-
-
-def _hdf5_characters(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
-    tops = [f[p] for p in PARTS if p in f] or [f]
-    found = []
-    for top in tops:
-        for alphabet, group in top.items():
-            if isinstance(group, h5py.Group):
-                found += [
-                    (f"{alphabet}/{char}", data)
-                    for char, data in group.items()
-                    if isinstance(data, h5py.Dataset)
-                ]
-    return found
-
-
-def _decode_hdf5(path: Path, names: list[str], size: int) -> np.ndarray:
+def _read_hdf5(path: Path, names: list[str], size: int) -> np.ndarray:
     out = []
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path) as f:
         for name in names:
             stack = np.asarray(f[name], dtype=np.uint8)
             invert = bool(stack.mean() > 127)  # mostly white: ink is dark, flip it
             out.append(archive.resize_stack(stack, ImageFormat("L", size, invert=invert)))
-    return np.stack(out)
+    return np.concatenate(out)
 
 
-def _zip_source(folder: Path) -> _Source | None:
-    files = [folder / f"{part}.zip" for part in PARTS]
-    return _make_source("zip", folder, files, [p.name for p in files if not p.is_file()])
-
-
-def _folder_source(folder: Path) -> _Source | None:
-    dirs = [folder / part for part in PARTS]
-    return _make_source("folders", folder, dirs, [d.name + "/" for d in dirs if not d.is_dir()])
-
-
-def _hdf5_source(folder: Path) -> _Source | None:
-    return _make_source("hdf5", folder, [folder / "data.hdf5"], [])
-
-
-def _make_source(kind: str, folder: Path, paths: list[Path], absent: list[str]) -> _Source | None:
+def _find(
+    kind: str, folder: Path, paths: list[Path], absent: list[str], lister: Callable[[list[Path]], Catalog]
+) -> _Drawings | None:
     present = [p for p in paths if p.exists()]
-    return _Source(kind, folder, present, absent) if present else None
-
-
-def _candidates(root: Path) -> list[Path]:
-    seen: list[Path] = []
-    for folder in (root, root / NAME, root / "omniglot-py"):
-        if folder.is_dir() and folder not in seen:
-            seen.append(folder)
-    return seen
-
-
-def find_source(root: Path) -> _Source | None:
-    """The preferred complete source under ``root``, else a partial one, else None."""
-    partial: _Source | None = None
-    for make in (_zip_source, _folder_source, _hdf5_source):
-        for folder in _candidates(root):
-            source = make(folder)
-            if source is not None and not source.absent:
-                return source
-            partial = partial or source
-    return partial
-
-
-def download_archives(root: Path) -> Path:
-    """Fetch the official archives that are missing (md5-checked) into ``root/omniglot``."""
-    folder = next(
-        (f for f in _candidates(root) if any((f / f"{p}.zip").is_file() for p in PARTS)),
-        root / NAME,
+    if not present:
+        return None
+    description = ", ".join(str(p) for p in present)
+    return _Drawings(
+        kind=kind, folder=folder, files=present, description=description, absent=absent, catalog_of=lister
     )
-    for part, (url, md5) in ARCHIVES.items():
-        dest = folder / f"{part}.zip"
-        if not dest.is_file():
-            archive.download(url, dest, md5)
-    return folder
 
 
-def _source_for(root: Path, download: bool) -> _Source:
-    source = find_source(root)
-    if download and (source is None or source.absent):
-        source = _zip_source(download_archives(root))
-    if source is None:
-        raise DataError(
+def _zips(folder: Path, split: Split) -> _Drawings | None:
+    files = [folder / f"{part}.zip" for part in PARTS]
+    return _find("zip", folder, files, [p.name for p in files if not p.is_file()], _list_zips)
+
+
+def _folders(folder: Path, split: Split) -> _Drawings | None:
+    dirs = [folder / part for part in PARTS]
+    return _find("folders", folder, dirs, [d.name + "/" for d in dirs if not d.is_dir()], _list_folders)
+
+
+def _hdf5(folder: Path, split: Split) -> _Drawings | None:
+    return _find("hdf5", folder, [folder / "data.hdf5"], [], _list_hdf5)
+
+
+# --- the data set ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OmniglotSplit(Split):
+    """A split file's classes: each a character under a rotation."""
+
+    entries: tuple[SplitEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class Omniglot(ImageDataSet):
+    """Omniglot: the split files name the classes; the drawings are shared by all splits.
+
+    ``splits_dir`` replaces the packaged split folder (``<splits_dir>/<split>.txt``).
+    """
+
+    splits_dir: Path | None = None
+
+    name = NAME
+    title = "Omniglot"
+    folders = ("", NAME, "omniglot-py")
+    holds = "images_background.zip and images_evaluation.zip (or omniglot/ with them)"
+    formats = (_zips, _folders, _hdf5)
+    group_noun = "character"
+
+    def split(self, name: str) -> OmniglotSplit:
+        entries = read_split(name, self.splits_dir)
+        characters = tuple(dict.fromkeys(e.character for e in entries))
+        return OmniglotSplit(name, tuple(e.name for e in entries), characters, tuple(entries))
+
+    def missing(self, root: Path, split: Split, download: bool) -> str:
+        return (
             f"no Omniglot data under {root}: expected images_background.zip and "
             f"images_evaluation.zip (or their extracted folders, or torchmeta's data.hdf5) in "
             f"{root} or {root / NAME}; set dataset.download=true to fetch them"
         )
-    return source
+
+    def downloads(self) -> dict[str, tuple[str, str]]:
+        return {f"{part}.zip": ARCHIVES[part] for part in PARTS}
+
+    def arrange(self, split: Split, groups: list[str], images: Tensor) -> tuple[Tensor, list[str]]:
+        """Each character once -> its rotated copies, one class per split entry."""
+        assert isinstance(split, OmniglotSplit)
+        position = {c: i for i, c in enumerate(groups)}
+        out = images[torch.tensor([position[e.character] for e in split.entries])]
+        quarter_turns = torch.tensor([e.rotation // 90 for e in split.entries])
+        for k in (1, 2, 3):
+            mask = quarter_turns == k
+            if bool(mask.any()):
+                out[mask] = torch.rot90(out[mask], k, dims=(-2, -1))
+        return out, [e.name for e in split.entries]
 
 
-# --- loading ---------------------------------------------------------------------------------
 def load_omniglot(
     root: Path | str,
     split: str,
@@ -312,58 +294,6 @@ def load_omniglot(
 
     ``cache_dir=None`` disables the cache; ``download`` fetches missing official archives.
     """
-    root = Path(root).expanduser()
-    entries = read_split(split, splits_dir)
-    source = _source_for(root, download)
-    characters = list(dict.fromkeys(e.character for e in entries))
-    classes = [e.name for e in entries]
-    key = {
-        "dataset": NAME,
-        "source": source.kind,
-        "files": source.identity(characters),
-        "classes": classes,
-        "image_size": image_size,
-    }
-    result = load_or_build(
-        cache_dir,
-        cache_stem(NAME, split, image_size, root),
-        key,
-        lambda: (_build(source, characters, entries, image_size, workers, split), classes),
+    return load_split(
+        Omniglot(splits_dir), root, split, image_size, cache_dir=cache_dir, download=download, workers=workers
     )
-    return ClassImages(result.images, classes, NAME, split, source.description, result.path, result.built_s)
-
-
-def _check_present(split: str, characters: list[str], source: _Source) -> None:
-    missing = [c for c in characters if c not in source.catalog[0]]
-    if not missing:
-        return
-    hint = (
-        f"{' and '.join(source.absent)} missing from {source.folder}: add it or set dataset.download=true"
-        if source.absent
-        else "use the official Omniglot archives or fix the split file"
-    )
-    raise DataError(
-        f"Omniglot split '{split}' names {len(missing)} character(s) absent from "
-        f"{source.description}, e.g. '{missing[0]}'; {hint}"
-    )
-
-
-def _build(
-    source: _Source,
-    characters: list[str],
-    entries: list[SplitEntry],
-    size: int,
-    workers: int | None,
-    split: str,
-) -> Tensor:
-    """Decode each character once, then make its rotated copies: ``[C, M, 1, size, size]``."""
-    _check_present(split, characters, source)
-    drawings = torch.from_numpy(source.decode(characters, size, workers, f"{NAME} {split}"))
-    position = {c: i for i, c in enumerate(characters)}
-    out = drawings[torch.tensor([position[e.character] for e in entries])]
-    quarter_turns = torch.tensor([e.rotation // 90 for e in entries])
-    for k in (1, 2, 3):
-        mask = quarter_turns == k
-        if bool(mask.any()):
-            out[mask] = torch.rot90(out[mask], k, dims=(-2, -1))
-    return out.unsqueeze(2).contiguous()

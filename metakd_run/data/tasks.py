@@ -1,8 +1,9 @@
-"""The one type every data set yields: a batch of tasks with a leading task dimension."""
+"""What every data set yields: a batch of tasks with a leading task dimension, from a source."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -60,3 +61,15 @@ class TaskBatch:
         if size <= 0 or size >= self.num_tasks:
             return [self]
         return [self.slice(i, min(i + size, self.num_tasks)) for i in range(0, self.num_tasks, size)]
+
+
+class TaskSource(Protocol):
+    """Everything the pipeline samples tasks from; it also tells the models what they face."""
+
+    task: str  # "regression" or "classification"
+    in_shape: tuple[int, ...]
+    out_dim: int
+
+    def sample(self, num_tasks: int, generator: torch.Generator, transfer: int = 0) -> TaskBatch:
+        """``num_tasks`` tasks; ``transfer > 0`` adds that many unlabelled inputs (per class for images)."""
+        ...
