@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metakd_run.checkpoint import CheckpointError
-from metakd_run.config import ConfigError, register_configs, validate
+from metakd_run.config import ConfigError, register_configs, to_typed
 from metakd_run.training import Interrupted, TrainingDiverged
 
 register_configs()
@@ -52,6 +52,8 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    if multirun:  # [sweep] a requeued SLURM job runs again in its folder: drop the last stop's error
+        (run_dir / "error.txt").unlink(missing_ok=True)
     try:
         return run(cfg, run_dir)
     except Exception as err:
@@ -81,21 +83,21 @@ def _failed_job(run_dir: Path, err: Exception) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Validate, then run the experiment; translate user-facing failures into ``UserError``."""
+    """Type and check the config, build everything, then run; turn user-facing failures into ``UserError``."""
     fresh_dir = run_dir
     try:
         if cfg.train.resume:
-            cfg, run_dir = resume_config(cfg.train.resume)
-        validate(cfg)
-        if cfg.threads > 0:
+            cfg, run_dir = resume_config(cfg)
+        typed = to_typed(cfg)
+        if typed.threads > 0:
             import torch
 
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(typed.threads)
         from metakd_run.pipeline import Experiment
         from metakd_run.report import print_summary
 
-        experiment = Experiment(cfg, run_dir)
-        experiment.prepare()
+        experiment = Experiment(typed, run_dir)
+        experiment.prepare()  # data, learners, distiller: every mistake before the first iteration
         summary = experiment.run()
         if fresh_dir != run_dir:
             _discard(fresh_dir)
@@ -114,20 +116,53 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         ) from err
 
 
-def resume_config(folder: str) -> tuple[DictConfig, Path]:
-    """The saved config of the run in ``folder``, so a resumed run is the same run."""
+# Overrides that a resumed run honours: they change how it runs, not what it computes.
+RESUME_HONOURS = ("train.resume", "train.progress", "threads", "device")
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """The saved config of the run named by ``train.resume``, so a resumed run is the same run.
+
+    An override that would change what the run computes cannot apply to a run half done: each
+    such override is refused by name (start a new run, or use train.teacher_checkpoint instead).
+    """
+    folder = str(cfg.train.resume)
     run_dir = Path(folder).expanduser()
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
+    saved_file = run_dir / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
         raise ConfigError(
             f"train.resume={folder} holds no metakd-run run (no .hydra/config.yaml there): name a "
             "run folder such as outputs/<date>/<time>"
         )
-    cfg = OmegaConf.load(saved)
-    assert isinstance(cfg, DictConfig)
-    cfg.train.resume = None
-    OmegaConf.set_struct(cfg, True)
-    return cfg, run_dir
+    saved = OmegaConf.load(saved_file)
+    assert isinstance(saved, DictConfig)
+    ignored = []
+    for override in _task_overrides():
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra") or key in RESUME_HONOURS:
+            continue
+        now = OmegaConf.select(cfg, key, default=None)
+        before = OmegaConf.select(saved, key, default=None)
+        if now != before:
+            ignored.append(
+                f"{override} (the run has {key}={OmegaConf.to_container(before) if isinstance(before, DictConfig | list) else before})"
+            )
+    if ignored:
+        raise ConfigError(
+            f"train.resume={folder} continues the saved run, so these overrides cannot apply: "
+            + "; ".join(ignored)
+            + ". Drop them, or start a new run (train.teacher_checkpoint reuses a trained teacher)"
+        )
+    for key in RESUME_HONOURS[1:]:
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
+    saved.train.resume = None
+    return saved, run_dir
+
+
+def _task_overrides() -> list[str]:
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
 
 
 def _discard(run_dir: Path) -> None:

@@ -1,24 +1,90 @@
-"""Structured configs: the schema of every group, registered in Hydra's ConfigStore.
+"""The one schema: dataclasses whose fields are the settings the code reads.
 
-Hydra type-checks each YAML file against these dataclasses when it composes the config, so a
-key that does not exist or a value of the wrong type fails before any work starts. Range checks
-that a type cannot express live in :func:`validate`.
+Hydra type-checks each YAML file against these dataclasses when it composes the config (an
+unknown key or a value of the wrong type fails there), the console script turns the composed
+config into these typed objects once (:func:`to_typed`), and every module below it reads them by
+attribute. Small closed choices are enums that the code imports; range checks sit beside their
+fields in ``__post_init__``, so an object of this module is valid by construction. Choices that
+are open registries (models, distances, data sets) are checked by their registries before any
+training (``metakd_run.preflight``). This module imports nothing from the project.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 DATA_ROOT = "${oc.env:METAKD_DATA_ROOT,data}"
 
 
 class ConfigError(ValueError):
     """A user's mistake in the config: reported as one line, before any training."""
+
+
+class Choice(str, Enum):
+    """A closed choice: compares equal to its string, prints as its string, composes by name."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def names(cls) -> str:
+        return ", ".join(m.value for m in cls)
+
+
+class Batching(Choice):
+    auto = "auto"
+    batched = "batched"
+    vmap = "vmap"
+    loop = "loop"
+
+
+class OuterSchedule(Choice):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class KDSource(Choice):
+    adapted = "adapted"  # the teacher adapted on each task's support set
+    init = "init"  # the teacher's meta-learned initialisation, unadapted
+
+
+class Stage(Choice):
+    teacher = "teacher"
+    student_kd = "student_kd"
+    student_base = "student_base"
+
+
+class Split(Choice):
+    """A split's role; ``dataset.<role>_split`` names the split that plays it."""
+
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class DType(Choice):
+    float32 = "float32"
+    float64 = "float64"
+
+
+def check(ok: bool, key: str, value: Any, need: str) -> None:
+    """Raise the one-line :class:`ConfigError` that names the key, its value and the fix."""
+    if not ok:
+        shown = list(value) if isinstance(value, list | tuple) else value
+        raise ConfigError(f"{key}={shown!r} is invalid: {need}")
+
+
+def _range(low: float, high: float, value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 2 and low <= value[0] <= value[1] <= high
 
 
 # --- data sets -------------------------------------------------------------------------------
@@ -28,9 +94,19 @@ class SinusoidConfig:
     amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
     phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
     x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
-    shots: int = 10
-    queries: int = 10
-    noise: float = 0.0
+    shots: int = 10  # K support points per task
+    queries: int = 10  # query points per task
+    noise: float = 0.0  # std of Gaussian noise on the targets
+
+    def __post_init__(self) -> None:
+        for key in ("amplitude", "phase", "x_range"):
+            value = getattr(self, key)
+            check(
+                _range(-math.inf, math.inf, value), f"dataset.{key}", value, "give [low, high], low <= high"
+            )
+        check(self.shots >= 1, "dataset.shots", self.shots, "must be >= 1")
+        check(self.queries >= 1, "dataset.queries", self.queries, "must be >= 1")
+        check(self.noise >= 0, "dataset.noise", self.noise, "must be >= 0")
 
 
 @dataclass
@@ -41,11 +117,22 @@ class ImageDatasetConfig:
     shots: int = 1
     queries: int = 15
     image_size: int = 28
-    train_split: str = "train"
+    train_split: str = (
+        "train"  # the split names that play each role (files for Omniglot, CSVs for miniImageNet)
+    )
     val_split: str = "val"
     test_split: str = "test"
     cache_dir: str | None = None
     download: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.ways >= 2, "dataset.ways", self.ways, "must be >= 2")
+        check(self.shots >= 1, "dataset.shots", self.shots, "must be >= 1")
+        check(self.queries >= 1, "dataset.queries", self.queries, "must be >= 1")
+        check(self.image_size >= 8, "dataset.image_size", self.image_size, "must be >= 8")
+
+    def split_name(self, role: Split | str) -> str:
+        return str(getattr(self, f"{Split(role).value}_split"))
 
 
 @dataclass
@@ -67,6 +154,20 @@ class MLPConfig:
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     activation: str = "relu"
 
+    def __post_init__(self) -> None:
+        check(
+            len(self.hidden) > 0 and all(h >= 1 for h in self.hidden),
+            "hidden",
+            self.hidden,
+            "give one or more layer widths >= 1, e.g. [40,40]",
+        )
+        check(
+            self.activation in ("relu", "tanh", "gelu"), "activation", self.activation, "relu, tanh or gelu"
+        )
+
+    def describe(self) -> str:
+        return "mlp-" + "-".join(str(h) for h in self.hidden)
+
 
 @dataclass
 class Conv4Config:
@@ -74,41 +175,87 @@ class Conv4Config:
     filters: int = 64
     blocks: int = 4
 
+    def __post_init__(self) -> None:
+        check(self.filters >= 1, "filters", self.filters, "must be >= 1")
+        check(self.blocks >= 1, "blocks", self.blocks, "must be >= 1")
+
+    def describe(self) -> str:
+        return f"conv4-{self.filters}" + (f"x{self.blocks}" if self.blocks != 4 else "")
+
 
 @dataclass
 class ResNet12Config:
     name: str = "resnet12"
     widths: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
 
+    def __post_init__(self) -> None:
+        check(
+            len(self.widths) == 4 and all(w >= 1 for w in self.widths),
+            "widths",
+            self.widths,
+            "four widths >= 1",
+        )
+
+    def describe(self) -> str:
+        return "resnet12-" + "-".join(str(w) for w in self.widths)
+
 
 # --- algorithm, distillation, training, evaluation -----------------------------------------------
 @dataclass
 class MetaConfig:
     name: str = "maml"
-    inner_lr: float = 0.01
-    inner_steps: int = 1
-    first_order: bool = False
-    learn_inner_lr: bool = False
-    anil: bool = False
-    outer_lr: float = 0.001
-    outer_schedule: str = "constant"  # or "cosine": anneal to outer_lr_min over each stage (MAML++)
+    inner_lr: float = 0.01  # inner-loop step size (the initial value when learn_inner_lr)
+    inner_steps: int = 1  # inner-loop steps during meta-training
+    first_order: bool = False  # FOMAML: the inner gradients are not differentiated
+    learn_inner_lr: bool = False  # Meta-SGD: a learned rate per parameter entry
+    anil: bool = False  # ANIL: only the head adapts in the inner loop
+    outer_lr: float = 0.001  # Adam's rate for the meta-update
+    outer_schedule: OuterSchedule = OuterSchedule.constant  # cosine: anneal to outer_lr_min over each stage
     outer_lr_min: float = 0.0
-    meta_batch: int = 25
-    batching: str = "auto"
-    chunk: int = 0
+    meta_batch: int = 25  # tasks per meta-update
+    batching: Batching = Batching.auto  # how the tasks of a meta-batch are computed (meta/strategies.py)
+    chunk: int = 0  # >0: this many tasks per graph (bounded memory); 0: the strategy's choice
     task_shards: int = 0  # >0: draw the meta-batch as N rank-seeded shards (see distributed.py)
+
+    def __post_init__(self) -> None:
+        check(self.inner_lr >= 0, "meta.inner_lr", self.inner_lr, "must be >= 0")
+        check(self.inner_steps >= 0, "meta.inner_steps", self.inner_steps, "must be >= 0")
+        check(self.outer_lr > 0, "meta.outer_lr", self.outer_lr, "must be > 0")
+        check(
+            0 <= self.outer_lr_min <= self.outer_lr,
+            "meta.outer_lr_min",
+            self.outer_lr_min,
+            f"must be between 0 and meta.outer_lr ({self.outer_lr})",
+        )
+        check(self.meta_batch >= 1, "meta.meta_batch", self.meta_batch, "must be >= 1")
+        check(self.chunk >= 0, "meta.chunk", self.chunk, "must be >= 0 (0: the whole meta-batch)")
+        check(self.task_shards >= 0, "meta.task_shards", self.task_shards, "must be >= 0")
 
 
 @dataclass
 class KDConfig:
     name: str = "mse"
-    distance: str = "mse"
-    weight: float = 1.0
-    temperature: float = 4.0
-    taps: list[str] = field(default_factory=lambda: ["output"])
-    student_taps: list[str] | None = None
-    source: str = "adapted"
-    transfer: int = 0
+    distance: str = "mse"  # a name in metakd_run.distill.DISTANCES
+    weight: float = 1.0  # weight of the distillation term in the student's outer loss
+    temperature: float = 4.0  # softmax temperature (kl only)
+    taps: list[str] | None = None  # teacher features to match; null: the distance's default (preflight)
+    student_taps: list[str] | None = None  # the student's features, one per tap; null: the same names
+    source: KDSource = KDSource.adapted
+    transfer: int = 0  # extra unlabelled inputs per task (per class for images) to distil on
+
+    def __post_init__(self) -> None:
+        check(self.weight >= 0, "kd.weight", self.weight, "must be >= 0")
+        check(self.temperature > 0, "kd.temperature", self.temperature, "must be > 0")
+        check(self.taps is None or len(self.taps) >= 1, "kd.taps", self.taps, "name a tap, e.g. [output]")
+        if self.student_taps is not None:
+            n = len(self.taps) if self.taps is not None else 1
+            check(
+                len(self.student_taps) == n,
+                "kd.student_taps",
+                self.student_taps,
+                f"give one student tap per teacher tap ({n}); set kd.taps too",
+            )
+        check(self.transfer >= 0, "kd.transfer", self.transfer, "must be >= 0")
 
 
 @dataclass
@@ -119,11 +266,28 @@ class TrainConfig:
     val_tasks: int = 100
     log_every: int = 50
     checkpoint_every: int = 1000
-    stages: list[str] = field(default_factory=lambda: ["teacher", "student_kd", "student_base"])
-    teacher_checkpoint: str | None = None
-    stop_after: str | None = None
+    stages: list[Stage] = field(default_factory=lambda: [Stage.teacher, Stage.student_kd, Stage.student_base])
+    teacher_checkpoint: str | None = None  # a finished teacher.pt to use instead of training one
+    teacher_cache: str | None = None  # a folder where teachers are kept by config and seed, and reused
     resume: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.iterations >= 1, "train.iterations", self.iterations, "must be >= 1")
+        check(
+            self.student_iterations is None or self.student_iterations >= 1,
+            "train.student_iterations",
+            self.student_iterations,
+            "must be >= 1, or null to use train.iterations",
+        )
+        for key in ("val_every", "val_tasks", "log_every", "checkpoint_every"):
+            check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+
+    def stage_iterations(self, stage: Stage | str) -> int:
+        """The students may get their own budget (the teacher is trained once and shared)."""
+        if stage != Stage.teacher and self.student_iterations is not None:
+            return int(self.student_iterations)
+        return int(self.iterations)
 
 
 @dataclass
@@ -131,11 +295,23 @@ class EvalConfig:
     tasks: int = 600
     steps: int = 10
     report_steps: list[int] = field(default_factory=lambda: [0, 1, 10])
-    split: str = "test"
+    split: Split = Split.test  # the role; dataset.<split>_split names the split (images)
     seed: int = 1234
     batch: int = 100
     plot_tasks: int = 4
     every_step: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.tasks >= 2, "eval.tasks", self.tasks, "must be >= 2 (a confidence interval needs two)")
+        check(self.steps >= 0, "eval.steps", self.steps, "must be >= 0")
+        check(
+            all(0 <= s <= self.steps for s in self.report_steps) and len(self.report_steps) > 0,
+            "eval.report_steps",
+            self.report_steps,
+            f"each must lie in [0, eval.steps={self.steps}]",
+        )
+        check(self.batch >= 0, "eval.batch", self.batch, "must be >= 0")
+        check(self.plot_tasks >= 1, "eval.plot_tasks", self.plot_tasks, "must be >= 1")
 
 
 @dataclass
@@ -148,169 +324,101 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    threads: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: DType = DType.float32
+    threads: int = 0  # torch.set_num_threads; 0 keeps PyTorch's default
     name: str = "metakd"
+
+    def __post_init__(self) -> None:
+        for who in ("teacher", "student"):
+            model = getattr(self, who)
+            if isinstance(model, DictConfig | dict):  # a plain (untyped) node: typed by to_typed
+                continue
+            wrong = isinstance(self.dataset, SinusoidConfig) != isinstance(model, MLPConfig)
+            need = (
+                f"sinusoid regression takes model@{who}=mlp"
+                if isinstance(self.dataset, SinusoidConfig)
+                else f"image data sets take model@{who}=conv4 or resnet12"
+            )
+            check(not wrong, who, model.name, need)
+        check(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            "device",
+            self.device,
+            "choose auto, cpu or cuda",
+        )
+        check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: PyTorch's default)")
+        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+
+
+# name -> schema, for the groups whose choice is a schema of its own
+DATASET_SCHEMAS: dict[str, type] = {
+    "sinusoid": SinusoidConfig,
+    "omniglot": OmniglotConfig,
+    "miniimagenet": MiniImageNetConfig,
+}
+MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConfig, "conv4": Conv4Config, "resnet12": ResNet12Config}
 
 
 def register_configs() -> None:
-    """Put every schema into the ConfigStore; the YAML files name them in their defaults."""
+    """Put every schema into the ConfigStore at the top level, outside every group users pick from.
+
+    A group's YAML files extend their schema (``- /schema_model_conv4@_here_``); stored inside a
+    group, the schemas would be listed by ``--help`` and could be chosen as options.
+    """
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="dataset", name="sinusoid_schema", node=SinusoidConfig)
-    cs.store(group="dataset", name="omniglot_schema", node=OmniglotConfig)
-    cs.store(group="dataset", name="miniimagenet_schema", node=MiniImageNetConfig)
-    cs.store(group="model", name="mlp_schema", node=MLPConfig)
-    cs.store(group="model", name="conv4_schema", node=Conv4Config)
-    cs.store(group="model", name="resnet12_schema", node=ResNet12Config)
-    cs.store(group="meta", name="meta_schema", node=MetaConfig)
-    cs.store(group="kd", name="kd_schema", node=KDConfig)
+    cs.store(name="config_schema", node=Config, provider="metakd_run")
+    for name, node in DATASET_SCHEMAS.items():
+        cs.store(name=f"schema_dataset_{name}", node=node, provider="metakd_run")
+    for name, node in MODEL_SCHEMAS.items():
+        cs.store(name=f"schema_model_{name}", node=node, provider="metakd_run")
+    cs.store(name="schema_meta", node=MetaConfig, provider="metakd_run")
+    cs.store(name="schema_kd", node=KDConfig, provider="metakd_run")
 
 
-# --- range checks ----------------------------------------------------------------------------------
-def _check(ok: bool, key: str, value: Any, need: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: {need}")
+def _typed_node(schemas: dict[str, type], node: Any, key: str, fix: str) -> Any:
+    name = str(node.get("name")) if isinstance(node, DictConfig) else None
+    if name not in schemas:
+        raise ConfigError(f"{key}.name={name!r} is invalid: {fix}")
+    merged = OmegaConf.merge(OmegaConf.structured(schemas[name]), node)
+    return merged
 
 
-def _check_model(prefix: str, m: DictConfig) -> None:
-    if m.name == "mlp":
-        _check(
-            len(m.hidden) > 0 and all(h >= 1 for h in m.hidden),
-            f"{prefix}.hidden",
-            list(m.hidden),
-            "give one or more layer widths >= 1, e.g. [40,40]",
-        )
-        _check(
-            m.activation in ("relu", "tanh", "gelu"),
-            f"{prefix}.activation",
-            m.activation,
-            "choose relu, tanh or gelu",
-        )
-    elif m.name == "conv4":
-        _check(m.filters >= 1, f"{prefix}.filters", m.filters, "must be >= 1")
-        _check(m.blocks >= 1, f"{prefix}.blocks", m.blocks, "must be >= 1")
-    elif m.name == "resnet12":
-        _check(
-            len(m.widths) == 4 and all(w >= 1 for w in m.widths),
-            f"{prefix}.widths",
-            list(m.widths),
-            "give four widths >= 1",
-        )
+def to_typed(cfg: DictConfig) -> Config:
+    """The composed (or saved) config as a :class:`Config`: every range check has run.
 
-
-def validate(cfg: DictConfig) -> None:
-    """Reject values that are the right type but cannot work, naming the key and the fix."""
-    ds, meta, kd, train, ev = cfg.dataset, cfg.meta, cfg.kd, cfg.train, cfg.eval
-    _check(ds.shots >= 1, "dataset.shots", ds.shots, "must be >= 1")
-    _check(ds.queries >= 1, "dataset.queries", ds.queries, "must be >= 1")
-    if ds.name == "sinusoid":
-        for key in ("amplitude", "phase", "x_range"):
-            lo_hi = list(ds[key])
-            _check(
-                len(lo_hi) == 2 and lo_hi[0] <= lo_hi[1],
-                f"dataset.{key}",
-                lo_hi,
-                "give [low, high] with low <= high",
-            )
-        _check(ds.noise >= 0, "dataset.noise", ds.noise, "must be >= 0")
-        for who in ("teacher", "student"):
-            _check(
-                cfg[who].name == "mlp",
-                f"{who}",
-                cfg[who].name,
-                "sinusoid regression takes model=mlp (choose with model@" + who + "=mlp)",
-            )
-    else:
-        _check(ds.ways >= 2, "dataset.ways", ds.ways, "must be >= 2")
-        _check(ds.image_size >= 8, "dataset.image_size", ds.image_size, "must be >= 8")
-        for who in ("teacher", "student"):
-            _check(
-                cfg[who].name in ("conv4", "resnet12"),
-                f"{who}",
-                cfg[who].name,
-                f"image data sets take model@{who}=conv4 or resnet12",
-            )
-    _check_model("teacher", cfg.teacher)
-    _check_model("student", cfg.student)
-    _check(meta.inner_lr >= 0, "meta.inner_lr", meta.inner_lr, "must be >= 0")
-    _check(meta.inner_steps >= 0, "meta.inner_steps", meta.inner_steps, "must be >= 0")
-    _check(meta.outer_lr > 0, "meta.outer_lr", meta.outer_lr, "must be > 0")
-    _check(
-        meta.outer_schedule in ("constant", "cosine"),
-        "meta.outer_schedule",
-        meta.outer_schedule,
-        "choose constant or cosine",
+    A config that Hydra composed is already typed; one loaded back from ``.hydra/config.yaml``
+    (resumption, the Python API) is plain, so each schema is found again by its ``name``.
+    """
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    base = OmegaConf.structured(Config)
+    node = OmegaConf.create(plain)
+    node.dataset = _typed_node(
+        DATASET_SCHEMAS, node.get("dataset"), "dataset", "choose " + ", ".join(DATASET_SCHEMAS)
     )
-    _check(
-        0 <= meta.outer_lr_min <= meta.outer_lr,
-        "meta.outer_lr_min",
-        meta.outer_lr_min,
-        f"must be between 0 and meta.outer_lr ({meta.outer_lr})",
-    )
-    _check(meta.meta_batch >= 1, "meta.meta_batch", meta.meta_batch, "must be >= 1")
-    _check(
-        meta.batching in ("auto", "batched", "vmap", "loop"),
-        "meta.batching",
-        meta.batching,
-        "choose auto, batched, vmap or loop",
-    )
-    _check(meta.chunk >= 0, "meta.chunk", meta.chunk, "must be >= 0 (0: the whole meta-batch)")
-    _check(
-        kd.distance in ("mse", "cosine", "kl", "attention"),
-        "kd.distance",
-        kd.distance,
-        "choose mse, cosine, kl or attention",
-    )
-    _check(kd.weight >= 0, "kd.weight", kd.weight, "must be >= 0")
-    _check(kd.temperature > 0, "kd.temperature", kd.temperature, "must be > 0")
-    _check(len(kd.taps) >= 1, "kd.taps", list(kd.taps), "name at least one tap, e.g. [output]")
-    if kd.student_taps is not None:
-        _check(
-            len(kd.student_taps) == len(kd.taps),
-            "kd.student_taps",
-            list(kd.student_taps),
-            f"give one student tap per teacher tap ({len(kd.taps)})",
+    for who in ("teacher", "student"):
+        node[who] = _typed_node(
+            MODEL_SCHEMAS, node.get(who), who, f"choose model@{who}=" + "|".join(MODEL_SCHEMAS)
         )
-    _check(kd.source in ("adapted", "init"), "kd.source", kd.source, "choose adapted or init")
-    _check(kd.transfer >= 0, "kd.transfer", kd.transfer, "must be >= 0")
-    _check(train.iterations >= 1, "train.iterations", train.iterations, "must be >= 1")
-    if train.student_iterations is not None:
-        _check(
-            train.student_iterations >= 1,
-            "train.student_iterations",
-            train.student_iterations,
-            "must be >= 1, or null to use train.iterations",
-        )
-    for key in ("val_every", "val_tasks", "log_every", "checkpoint_every"):
-        _check(train[key] >= 1, f"train.{key}", train[key], "must be >= 1")
-    stages = ("teacher", "student_kd", "student_base")
-    _check(
-        all(s in stages for s in train.stages),
-        "train.stages",
-        list(train.stages),
-        f"choose from {list(stages)}",
-    )
-    _check(ev.tasks >= 2, "eval.tasks", ev.tasks, "must be >= 2 (a confidence interval needs two)")
-    _check(ev.steps >= 0, "eval.steps", ev.steps, "must be >= 0")
-    _check(
-        all(0 <= s <= ev.steps for s in ev.report_steps),
-        "eval.report_steps",
-        list(ev.report_steps),
-        f"each must lie in [0, eval.steps={ev.steps}]",
-    )
-    _check(ev.batch >= 0, "eval.batch", ev.batch, "must be >= 0")
-    _check(cfg.dtype in ("float32", "float64"), "dtype", cfg.dtype, "choose float32 or float64")
-    dev = str(cfg.device)
-    _check(dev in ("auto", "cpu") or dev.startswith("cuda"), "device", dev, "choose auto, cpu or cuda")
-    if dev.startswith("cuda"):
-        import torch
+        try:
+            OmegaConf.to_object(node[who])
+        except ConfigError as err:  # the model schemas do not know whose they are
+            raise ConfigError(f"{who}.{err}") from None
+    for key in ("dataset", "teacher", "student"):
+        base[key] = node.pop(key)
+    merged = OmegaConf.merge(base, node)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return obj
 
-        _check(
-            torch.cuda.is_available(),
-            "device",
-            dev,
-            "no CUDA device is visible: use device=cpu or device=auto",
-        )
-    _check(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0 (0: PyTorch's default)")
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A typed config (or part of one) as plain containers, enums as their strings."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    assert isinstance(out, dict)
+    return out

@@ -1,13 +1,32 @@
-"""The table a run ends with: each model's size and test metric (mean ± 95% CI) per step."""
+"""The table a run ends with: each model's size and test metric per step, then the paired comparisons."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from metakd_run.results import label, primary_metric
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _cell(entry: dict[str, Any], scale: float, diverged: int | None, signed: bool = False) -> str:
+    if entry.get("mean") is None:
+        return f"diverged (step {diverged})" if diverged is not None else "n/a"
+    sign = "+" if signed else ""
+    return f"{entry['mean'] * scale:{sign}.3f} ± {entry['ci95'] * scale:.3f}"
+
 
 def format_table(summary: dict[str, Any]) -> str:
-    metric = "accuracy" if summary["task"] == "classification" else "mse"
+    metric, _ = primary_metric(summary["task"])
     models = summary["models"]
     first = next(iter(models.values()))
     steps = [k for k in first["metrics"][metric] if k.startswith("step_")]
@@ -16,26 +35,40 @@ def format_table(summary: dict[str, Any]) -> str:
     header = ["model", "params"] + [f"{metric}{unit} @ {s.split('_')[1]} steps" for s in steps]
     rows = [header]
     for model in models.values():
+        entry = model["metrics"][metric]
         cells = [model["label"], f"{model['parameters']:,}"]
-        for s in steps:
-            e = model["metrics"][metric][s]
-            cells.append(f"{e['mean'] * scale:.3f} ± {e['ci95'] * scale:.3f}")
+        cells += [_cell(entry[s], scale, entry.get("diverged_at_step")) for s in steps]
         rows.append(cells)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     ev = summary["eval"]
     title = (
         f"{summary['dataset']}: query {metric} on {ev['tasks']} {ev['split']} tasks "
         f"(mean ± 95% CI), after 0..{ev['steps']} inner steps"
     )
-    return "\n".join([title, *lines])
+    out = [title, *_table(rows)]
+    comp = summary.get("comparisons", {})
+    if comp.get("pairs"):
+        rows = [["paired difference (same tasks)", ""] + [f"@ {s.split('_')[1]} steps" for s in steps]]
+        for pair, by_step in comp["pairs"].items():
+            a, b = pair.split("-")
+            name = f"{label(a)} - {label(b)}"
+            rows.append([name, ""] + [_cell(by_step[s], scale, None, signed=True) for s in steps])
+        gap = comp.get("gap_closed") or {}
+        if gap:
+            cells = []
+            for s in steps:
+                g = gap[s]
+                cells.append(
+                    "n/a"
+                    if g["value"] is None
+                    else f"{100 * g['value']:.0f}% [{100 * (g['ci95_low'] or 0):.0f}, "
+                    f"{100 * (g['ci95_high'] or 0):.0f}]"
+                )
+            rows.append(["gap closed by distillation (bootstrap CI)", ""] + cells)
+        out += ["", *_table(rows)]
+    return "\n".join(out)
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print()
     print(format_table(summary))
-    print(f"\nrun folder: {run_dir}  (summary.json, checkpoints/, *.png, TensorBoard events)")
+    print(f"\nrun folder: {run_dir}  (summary.json, per_task.json, checkpoints/, *.png, TensorBoard events)")

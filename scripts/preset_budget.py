@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from metakd_run.pipeline import stage_iterations
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("teacher", "student_kd", "student_base")
@@ -39,7 +38,9 @@ def compose(overrides: list[str]):  # noqa: ANN201
     import metakd_run.cli  # noqa: F401 - registers the structured configs
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+        from metakd_run.config import to_typed
+
+        return to_typed(hydra_compose("config", overrides=overrides))
 
 
 def metakd_run_exe() -> list[str]:
@@ -77,7 +78,7 @@ def main() -> int:
     for stage in STAGES:
         t = timings[stage]
         per_it = (t["seconds"] - t["validation_seconds"]) / args.probe
-        its = stage_iterations(cfg.train, stage)
+        its = cfg.train.stage_iterations(stage)
         vals = math.ceil(its / cfg.train.val_every)
         stage_total = per_it * its + vals * t["validation_seconds"]
         projected += stage_total

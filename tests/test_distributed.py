@@ -51,10 +51,11 @@ def test_two_processes_equal_one_process_on_the_same_tasks(tmp_path: Path, compo
     assert proc.returncode == 0, proc.stderr[-3000:]
     # one process drawing both ranks' shards (meta.task_shards=2) trains on the same meta-batches;
     # run in this process (the same pipeline the console script runs) to save a start-up
+    from metakd_run.config import to_typed
     from metakd_run.pipeline import Experiment
 
     torch.set_num_threads(1)
-    Experiment(compose(*RUN, "meta.task_shards=2"), one).run()
+    Experiment(to_typed(compose(*RUN, "meta.task_shards=2")), one).run()
     a = torch.load(ddp / "checkpoints" / "teacher.pt", weights_only=True)["state_dict"]
     b = torch.load(one / "checkpoints" / "teacher.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()

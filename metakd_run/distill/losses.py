@@ -1,41 +1,80 @@
-"""Distillation distances, each a small module chosen by ``kd.distance``.
+"""Distillation distances, each a small class in a registry chosen by ``kd.distance``.
 
-Every distance takes ``(student, teacher)`` tensors of one task (a leading batch of points or
-images) and returns a scalar. Where the student's width differs from the teacher's, a learned
-projection maps the student's feature into the teacher's space; it is meta-learned with the
-student (outer loop only), as in torchdistill's regressors and FitNets.
+Every distance takes ``(student, teacher)`` tensors of ONE task (a leading dimension of points
+or images) and returns a scalar. Point-wise distances (mse, cosine, kl, attention) compare each
+input's features with the teacher's on the same input; set distances (mmd, rkd, sp) compare the
+two models' features as distributions or relations over the task's inputs, which is what meta
+knowledge distillation asks of a task. Where a distance needs the student's feature in the
+teacher's space, a learned projection maps it there; it is meta-learned with the student (outer
+loop only), as in torchdistill's regressors and FitNets. Adding a distance is one class with a
+``@register`` line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+OUTPUT = "output"
+EMBEDDING = "embedding"  # stands for the model's own name of the head's input (hidden<n>, embedding)
 
-class MSEDistance(nn.Module):
+
+class Distance(nn.Module):
+    """One distance: its default tap, whether it compares logits, and whether it needs a projection."""
+
+    default_tap: str = OUTPUT
+    needs_logits: bool = False  # classification only (softmax over classes)
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def projection(self, student: Sequence[int], teacher: Sequence[int]) -> nn.Module:
+        """Maps the student's feature into the teacher's space (identity when they agree)."""
+        return make_projection(student, teacher)
+
+
+DISTANCES: dict[str, type[Distance]] = {}
+
+
+def register(name: str) -> Callable[[type[Distance]], type[Distance]]:
+    def add(cls: type[Distance]) -> type[Distance]:
+        DISTANCES[name] = cls
+        return cls
+
+    return add
+
+
+@register("mse")
+class MSEDistance(Distance):
     """Mean squared error between features or outputs."""
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         return ((student - teacher) ** 2).mean()
 
 
-class CosineDistance(nn.Module):
+@register("cosine")
+class CosineDistance(Distance):
     """One minus the cosine similarity per point, averaged: ignores the features' scale."""
+
+    default_tap = EMBEDDING
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         cos = F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1, eps=1e-8)
         return (1.0 - cos).mean()
 
 
-class KLDistance(nn.Module):
+@register("kl")
+class KLDistance(Distance):
     """Hinton et al.'s softened KL(teacher || student) on logits, scaled by T^2."""
 
-    def __init__(self, temperature: float) -> None:
-        super().__init__()
-        self.temperature = temperature
+    needs_logits = True
+
+    def projection(self, student: Sequence[int], teacher: Sequence[int]) -> nn.Module:  # noqa: ARG002
+        return nn.Identity()
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         t = self.temperature
@@ -45,12 +84,26 @@ class KLDistance(nn.Module):
         return kl * t * t
 
 
-class AttentionDistance(nn.Module):
+@register("attention")
+class AttentionDistance(Distance):
     """Zagoruyko & Komodakis' attention transfer: compare normalised maps of squared activity.
 
-    For a conv map ``[B, C, H, W]`` the attention is the channel mean of the squared activations
-    (so widths need not match, only spatial sizes); for a flat feature it is the squared vector.
+    For a conv map ``[B, C, H, W]`` the attention is the channel mean of the squared activations,
+    so channel widths need not match (only spatial sizes); a flat feature's attention is its
+    squared vector, so flat features of different widths are first projected (linear).
     """
+
+    default_tap = EMBEDDING
+
+    def projection(self, student: Sequence[int], teacher: Sequence[int]) -> nn.Module:
+        if len(student) == 3 and len(teacher) == 3:
+            if tuple(student[1:]) != tuple(teacher[1:]):
+                raise ValueError(
+                    f"attention maps of shape {tuple(student)} and {tuple(teacher)} differ in spatial size: "
+                    "choose taps whose spatial sizes agree"
+                )
+            return nn.Identity()
+        return make_projection(student, teacher)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         return ((_attention(student) - _attention(teacher)) ** 2).sum(-1).mean()
@@ -61,19 +114,88 @@ def _attention(f: Tensor) -> Tensor:
     return F.normalize(a, dim=-1, eps=1e-12)
 
 
-DISTANCES = ("mse", "cosine", "kl", "attention")
+def _sq_distances(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise squared Euclidean distances ``[N, M]`` from matrix products (vmap-friendly, unlike cdist)."""
+    d = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1).unsqueeze(0) - 2 * a @ b.transpose(0, 1)
+    return d.clamp_min(0.0)
 
 
-def make_distance(name: str, temperature: float) -> nn.Module:
-    if name == "mse":
-        return MSEDistance()
-    if name == "cosine":
-        return CosineDistance()
-    if name == "kl":
-        return KLDistance(temperature)
-    if name == "attention":
-        return AttentionDistance()
-    raise ValueError(f"unknown distance {name!r}; choose one of {DISTANCES}")
+@register("mmd")
+class MMDDistance(Distance):
+    """Squared maximum mean discrepancy between the task's student and teacher feature sets.
+
+    Gaussian kernels at several scales around the median-heuristic bandwidth (the median pairwise
+    squared distance of the pooled features, not differentiated), biased V-statistic estimate:
+    MMD^2 = mean k(s, s') + mean k(t, t') - 2 mean k(s, t). It matches distributions, not points.
+    """
+
+    default_tap = EMBEDDING
+    scales = (0.5, 1.0, 2.0)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        s, t = student.flatten(1), teacher.flatten(1)
+        d_ss, d_tt, d_st = _sq_distances(s, s), _sq_distances(t, t), _sq_distances(s, t)
+        pooled = torch.cat([d_ss.flatten(), d_tt.flatten(), d_st.flatten(), d_st.flatten()])
+        bandwidth = pooled.detach().median().clamp_min(1e-6)
+        total = s.new_zeros(())
+        for scale in self.scales:
+            h = scale * bandwidth
+            total = total + (-d_ss / h).exp().mean() + (-d_tt / h).exp().mean() - 2 * (-d_st / h).exp().mean()
+        return total / len(self.scales)
+
+
+@register("rkd")
+class RelationalDistance(Distance):
+    """Park et al. (2019) relational KD: pairwise distances (normalised by their mean) and the
+    angles of every triplet, each matched with the Huber loss; widths need not agree.
+    The paper's weights (25 for distances, 50 for angles) keep their 1:2 ratio here, and
+    ``kd.weight`` scales the sum."""
+
+    default_tap = EMBEDDING
+    angle_weight = 2.0
+
+    def projection(self, student: Sequence[int], teacher: Sequence[int]) -> nn.Module:  # noqa: ARG002
+        return nn.Identity()
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        s, t = student.flatten(1), teacher.flatten(1)
+        loss = F.smooth_l1_loss(_normalised_distances(s), _normalised_distances(t.detach()))
+        return loss + self.angle_weight * F.smooth_l1_loss(_angles(s), _angles(t.detach()))
+
+
+def _normalised_distances(x: Tensor) -> Tensor:
+    n = x.shape[0]
+    d = (_sq_distances(x, x) + 1e-12).sqrt() * (1 - torch.eye(n, dtype=x.dtype, device=x.device))
+    return d / (d.sum() / (n * (n - 1))).clamp_min(1e-12)
+
+
+def _angles(x: Tensor) -> Tensor:
+    """cos of the angle at j of every triplet (i, j, k): ``<e_ij, e_kj>``, ``[N, N, N]``."""
+    e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2, eps=1e-12)  # e[j, i] = unit(x_i - x_j)
+    return e @ e.transpose(1, 2)
+
+
+@register("sp")
+class SimilarityPreservingDistance(Distance):
+    """Tung & Mori (2019): the task's row-normalised similarity (Gram) matrices should agree,
+    ``||G_s - G_t||_F^2 / N^2``; widths need not agree."""
+
+    default_tap = EMBEDDING
+
+    def projection(self, student: Sequence[int], teacher: Sequence[int]) -> nn.Module:  # noqa: ARG002
+        return nn.Identity()
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        s, t = student.flatten(1), teacher.flatten(1)
+        g_s = F.normalize(s @ s.transpose(0, 1), p=2, dim=1, eps=1e-12)
+        g_t = F.normalize(t @ t.transpose(0, 1), p=2, dim=1, eps=1e-12)
+        return (g_s - g_t).pow(2).sum() / s.shape[0] ** 2
+
+
+def make_distance(name: str, temperature: float) -> Distance:
+    if name not in DISTANCES:
+        raise ValueError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCES)}")
+    return DISTANCES[name](temperature)
 
 
 def make_projection(student: Sequence[int], teacher: Sequence[int]) -> nn.Module:
@@ -85,13 +207,13 @@ def make_projection(student: Sequence[int], teacher: Sequence[int]) -> nn.Module
     if len(student) == 3 and len(teacher) == 3 and tuple(student[1:]) == tuple(teacher[1:]):
         return nn.Conv2d(student[0], teacher[0], kernel_size=1)
     raise ValueError(
-        f"cannot match a student feature of shape {tuple(student)} to a teacher feature of shape "
+        f"cannot project a student feature of shape {tuple(student)} onto a teacher feature of shape "
         f"{tuple(teacher)}: choose taps whose spatial sizes agree"
     )
 
 
 class Distiller(nn.Module):
-    """The weighted-free distillation term: the mean distance over the configured tap pairs."""
+    """The distillation term without its weight: the mean distance over the configured tap pairs."""
 
     def __init__(
         self,
@@ -104,20 +226,16 @@ class Distiller(nn.Module):
         super().__init__()
         self.pairs = [tuple(p) for p in pairs]
         self.distance = make_distance(distance, temperature)
-        needs_projection = distance in ("mse", "cosine")
         self.projections = nn.ModuleDict()
         for t_tap, s_tap in self.pairs:
             for tap, shapes, who in ((t_tap, teacher_shapes, "teacher"), (s_tap, student_shapes, "student")):
                 if tap not in shapes:
                     raise ValueError(f"kd tap {tap!r} is not a feature of the {who}; it has {sorted(shapes)}")
-            if distance == "kl" and (t_tap != "output" or s_tap != "output"):
-                raise ValueError("kd.distance=kl compares logits: set kd.taps=[output]")
-            proj = (
-                make_projection(student_shapes[s_tap], teacher_shapes[t_tap])
-                if needs_projection
-                else nn.Identity()
+            if self.distance.needs_logits and (t_tap != OUTPUT or s_tap != OUTPUT):
+                raise ValueError(f"kd.distance={distance} compares logits: set kd.taps=[output]")
+            self.projections[_key(t_tap, s_tap)] = self.distance.projection(
+                student_shapes[s_tap], teacher_shapes[t_tap]
             )
-            self.projections[_key(t_tap, s_tap)] = proj
 
     def forward(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> Tensor:
         terms = [self.distance(self.projections[_key(t, s)](student[s]), teacher[t]) for t, s in self.pairs]

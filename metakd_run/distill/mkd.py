@@ -37,8 +37,6 @@ class MetaDistillation:
         self.weight = weight
         self.source = source
         self.teacher_taps = sorted({t for t, _ in distiller.pairs})
-        for p in teacher.parameters():
-            p.requires_grad_(False)
 
     def teacher_targets(self, batch: TaskBatch, query_x: Tensor) -> dict[str, Tensor]:
         """The teacher's outputs/features on every query input, per task: ``{tap: [T, Q(+U), ...]}``."""
@@ -58,6 +56,8 @@ class MetaDistillation:
 
     def meta_backward(self, batch: TaskBatch) -> dict[str, float]:
         """Accumulate the student's (and projections') meta-gradient; return the metrics."""
+        for p in self.teacher.parameters():  # frozen from the first distillation step (it was trained)
+            p.requires_grad_(False)
         query_x = batch.query_x
         if batch.transfer_x is not None:
             query_x = torch.cat([query_x, batch.transfer_x], dim=1)

@@ -39,6 +39,7 @@ class Conv4(nn.Module):
     """
 
     head_prefix = "head."
+    embedding_tap = "embedding"
 
     def __init__(self, in_shape: Sequence[int], out_dim: int, filters: int = 64, blocks: int = 4) -> None:
         super().__init__()
@@ -52,7 +53,11 @@ class Conv4(nn.Module):
             self.add_module(f"block{i}", ConvBlock(channels if i == 1 else filters, filters))
             height, width = height // 2, width // 2
         if height < 1 or width < 1:
-            raise ValueError(f"input {tuple(in_shape)} is too small for {blocks} 2x2 max-pools")
+            most = max(i for i in range(1, blocks + 1) if min(int(s) for s in in_shape[1:]) >> i >= 1)
+            raise ValueError(
+                f"blocks={blocks} is invalid: an input of {tuple(in_shape)} is too small for {blocks} "
+                f"2x2 max-pools; use at most {most} blocks or a larger dataset.image_size"
+            )
         self.embedding_dim = filters * height * width
         self.head = nn.Linear(self.embedding_dim, out_dim)
         self.reset_parameters()

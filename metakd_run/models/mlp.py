@@ -27,6 +27,7 @@ class MLP(nn.Module):
         self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.act = ACTIVATIONS[activation]()
         self.head = nn.Linear(widths[-1], out_features)
+        self.embedding_tap = f"hidden{len(hidden)}"  # the head's input: what feature distances match
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         feats: dict[str, Tensor] = {}

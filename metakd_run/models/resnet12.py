@@ -54,6 +54,7 @@ class ResNet12(nn.Module):
     """
 
     head_prefix = "head."
+    embedding_tap = "embedding"
 
     def __init__(
         self, in_shape: Sequence[int], out_dim: int, widths: Sequence[int] = (64, 160, 320, 640)
@@ -66,7 +67,10 @@ class ResNet12(nn.Module):
             raise ValueError("ResNet12 needs at least one width")
         channels, height, width = (int(s) for s in in_shape)
         if min(height, width) < 2 ** len(widths):
-            raise ValueError(f"input {tuple(in_shape)} is too small for {len(widths)} max-pools")
+            raise ValueError(
+                f"widths={list(widths)} is invalid: an input of {tuple(in_shape)} is too small for "
+                f"{len(widths)} max-pools; use a larger dataset.image_size"
+            )
         self.num_blocks = len(widths)
         for i, out_channels in enumerate(widths, start=1):
             self.add_module(f"block{i}", ResidualBlock(channels, out_channels))
