@@ -30,7 +30,7 @@ def learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) 
     try:
         return MAML(model, source.task, meta)
     except ValueError as err:
-        raise ConfigError(f"meta: {err}") from None
+        raise ConfigError(str(err)) from None
 
 
 def tap_pairs(kd: KDConfig, teacher: MAML, student: MAML) -> list[tuple[str, str]]:

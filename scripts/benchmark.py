@@ -28,10 +28,11 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from metakd_run.config import MetaConfig
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.distill.losses import Distiller
 from metakd_run.distill.mkd import MetaDistillation
-from metakd_run.meta.maml import MAML, InnerLoopConfig
+from metakd_run.meta.maml import MAML
 from metakd_run.models import feature_shapes
 from metakd_run.models.conv4 import Conv4
 from metakd_run.models.mlp import MLP
@@ -128,9 +129,7 @@ def step_fn(
             reference_step(model, shape.kind, batch, shape.inner_lr, steps, first_order)
 
         return run, model
-    cfg = InnerLoopConfig(
-        inner_lr=shape.inner_lr, inner_steps=steps, first_order=first_order, batching=strategy
-    )
+    cfg = MetaConfig(inner_lr=shape.inner_lr, inner_steps=steps, first_order=first_order, batching=strategy)
     if not distill:
         learner = MAML(model, shape.kind, cfg)
 

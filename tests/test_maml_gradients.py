@@ -6,9 +6,19 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from metakd_run.config import MetaConfig
 from metakd_run.data.sinusoid import SinusoidTasks
-from metakd_run.meta.maml import MAML, InnerLoopConfig
+from metakd_run.meta.maml import MAML
 from metakd_run.models.mlp import MLP
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def reference_meta_grad(model: MLP, batch, lr: float, steps: int, first_order: bool, lrs=None):
@@ -46,7 +56,7 @@ def batch():
 def test_meta_gradient_matches_per_task_loop(batch, batching, first_order, steps):
     torch.manual_seed(1)
     model = MLP(1, 1, [16, 12]).double()
-    cfg = InnerLoopConfig(inner_lr=0.05, inner_steps=steps, first_order=first_order, batching=batching)
+    cfg = MetaConfig(inner_lr=0.05, inner_steps=steps, first_order=first_order, batching=batching)
     maml = MAML(model, "regression", cfg)
     metrics = maml.meta_backward(batch)
     ours = [p.grad.clone() for p in model.parameters()]
@@ -63,18 +73,18 @@ def test_second_order_differs_from_first_order(batch):
     grads = {}
     for fo in (False, True):
         model.zero_grad()
-        MAML(model, "regression", InnerLoopConfig(inner_lr=0.1, inner_steps=2, first_order=fo)).meta_backward(
+        MAML(model, "regression", MetaConfig(inner_lr=0.1, inner_steps=2, first_order=fo)).meta_backward(
             batch
         )
         grads[fo] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert float((grads[False] - grads[True]).abs().max()) > 1e-4
 
 
-@pytest.mark.parametrize("batching", ["vmap", "batched"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "batched"])
 def test_meta_sgd_learned_rates_get_the_right_gradient(batch, batching):
     torch.manual_seed(2)
     model = MLP(1, 1, [8]).double()
-    cfg = InnerLoopConfig(inner_lr=0.05, inner_steps=2, learn_inner_lr=True, batching=batching)
+    cfg = MetaConfig(inner_lr=0.05, inner_steps=2, learn_inner_lr=True, batching=batching)
     maml = MAML(model, "regression", cfg)
     for r in maml.inner_lrs.values():  # make the rates differ per entry
         r.data.uniform_(0.01, 0.1)
@@ -88,7 +98,7 @@ def test_meta_sgd_learned_rates_get_the_right_gradient(batch, batching):
 def test_anil_adapts_only_the_head(batch):
     torch.manual_seed(3)
     model = MLP(1, 1, [8, 8]).double()
-    maml = MAML(model, "regression", InnerLoopConfig(inner_lr=0.1, inner_steps=1, anil=True))
+    maml = MAML(model, "regression", MetaConfig(inner_lr=0.1, inner_steps=1, anil=True))
     assert maml.adapted == ["head.weight", "head.bias"]
     params = {n: p.detach() for n, p in maml.params().items()}
     fast = maml.adapt(params, maml.lrs(), batch.support_x[0], batch.support_y[0])
@@ -96,22 +106,26 @@ def test_anil_adapts_only_the_head(batch):
     assert not torch.equal(fast["head.weight"], params["head.weight"])
 
 
-def test_chunked_meta_batch_gives_the_same_gradient(batch):
+@pytest.mark.parametrize("batching", ["vmap", "loop", "batched"])
+def test_chunked_meta_batch_gives_the_same_gradient(batch, batching):
     torch.manual_seed(4)
     model = MLP(1, 1, [16, 16]).double()
     grads = []
     for chunk in (0, 4):
         model.zero_grad()
-        MAML(model, "regression", InnerLoopConfig(inner_lr=0.05, chunk=chunk)).meta_backward(batch)
+        MAML(model, "regression", MetaConfig(inner_lr=0.05, chunk=chunk, batching=batching)).meta_backward(
+            batch
+        )
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert float((grads[0] - grads[1]).abs().max()) <= 1e-12
 
 
+@pytest.mark.slow
 def test_adaptation_curve_improves_on_the_support_set():
     """After meta-training a little, more inner steps should lower the loss of a fresh task."""
     torch.manual_seed(5)
     model = MLP(1, 1, [40, 40])
-    maml = MAML(model, "regression", InnerLoopConfig(inner_lr=0.01))
+    maml = MAML(model, "regression", MetaConfig(inner_lr=0.01))
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     g = torch.Generator().manual_seed(0)
     src = SinusoidTasks()
@@ -130,9 +144,7 @@ def test_anil_meta_gradient_agrees_across_strategies(batch, first_order):
     grads = []
     for batching in ("vmap", "loop", "batched"):
         model.zero_grad()
-        cfg = InnerLoopConfig(
-            inner_lr=0.1, inner_steps=2, anil=True, first_order=first_order, batching=batching
-        )
+        cfg = MetaConfig(inner_lr=0.1, inner_steps=2, anil=True, first_order=first_order, batching=batching)
         MAML(model, "regression", cfg).meta_backward(batch)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert float((grads[0] - grads[1]).abs().max()) <= 1e-10
@@ -144,7 +156,7 @@ def test_evaluation_paths_agree_across_strategies(batch):
     model = MLP(1, 1, [16, 16]).double()
     curves, outs = [], []
     for batching in ("vmap", "loop", "batched"):
-        maml = MAML(model, "regression", InnerLoopConfig(inner_lr=0.05, inner_steps=2, batching=batching))
+        maml = MAML(model, "regression", MetaConfig(inner_lr=0.05, inner_steps=2, batching=batching))
         curves.append(maml.adaptation_curve(batch, steps=4)["task_loss"])
         outs.append(maml.adapted_outputs(batch.support_x, batch.support_y, batch.query_x)[1]["hidden2"])
     for other in (1, 2):
@@ -190,7 +202,7 @@ def test_conv4_second_order_meta_gradient_matches_loop_and_finite_differences(ba
     if batching == "batched" and not hasattr(model, "batched_forward"):
         pytest.skip("Conv4 has no batched_forward")
     batch = _conv_batch()
-    maml = MAML(model, "classification", InnerLoopConfig(inner_lr=0.3, inner_steps=2, batching=batching))
+    maml = MAML(model, "classification", MetaConfig(inner_lr=0.3, inner_steps=2, batching=batching))
     maml.meta_backward(batch)
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
@@ -220,8 +232,8 @@ def test_conv4_batched_runs_in_chunks_and_evaluates_like_the_loop():
     torch.manual_seed(13)
     model = Conv4((1, 12, 12), 3, filters=4, blocks=2).double()
     batch = _conv_batch(tasks=6)
-    auto = MAML(model, "classification", InnerLoopConfig(inner_lr=0.3, inner_steps=2, batching="batched"))
-    loop = MAML(model, "classification", InnerLoopConfig(inner_lr=0.3, inner_steps=2))
+    auto = MAML(model, "classification", MetaConfig(inner_lr=0.3, inner_steps=2, batching="batched"))
+    loop = MAML(model, "classification", MetaConfig(inner_lr=0.3, inner_steps=2))
     assert (auto.batching, auto.chunk, loop.batching) == ("batched", 4, "loop")
     for a, b in zip(auto.adaptation_curve(batch, 3).values(), loop.adaptation_curve(batch, 3).values()):
         assert torch.allclose(a, b, atol=1e-10)
@@ -229,3 +241,17 @@ def test_conv4_batched_runs_in_chunks_and_evaluates_like_the_loop():
     out_l = loop.adapted_outputs(batch.support_x, batch.support_y, batch.query_x)
     assert torch.allclose(out_a[0], out_l[0], atol=1e-10)
     assert torch.allclose(out_a[1]["block2"], out_l[1]["block2"], atol=1e-10)
+
+
+def test_meta_config_is_read_by_attribute_in_every_form():
+    """The ``meta`` group arrives as the dataclass, an enum choice, or Hydra's DictConfig."""
+    from omegaconf import OmegaConf
+
+    from metakd_run.config import Batching
+
+    model = MLP(1, 1, [4])
+    assert MAML(model, "regression", MetaConfig(batching=Batching.vmap)).batching == "vmap"
+    assert MAML(model, "regression", OmegaConf.structured(MetaConfig(batching="loop"))).batching == "loop"
+    assert MAML(model, "regression", MetaConfig()).batching == "batched"  # auto, for an MLP
+    with pytest.raises(ValueError, match="meta.batching"):
+        MAML(model, "regression", MetaConfig(batching="grouped"))

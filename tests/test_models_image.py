@@ -2,12 +2,17 @@
 
 The meta-gradient helpers below are a deliberately tiny MAML (one inner SGD step, second order)
 written twice: vmapped over tasks with ``torch.func`` and as a plain per-task autograd loop. They
-are kept here, independent of ``metakd_run.meta``, to pin down the models' own behaviour.
+are kept here, independent of ``metakd_run.meta``, to pin down the models' own behaviour; the
+last tests hold ``metakd_run.meta``'s strategies to the plain loop on these models.
+
+Batch norm is the delicate part: ``F.batch_norm``'s vmap batching rule gives wrong second-order
+gradients (functorch issue 534), so our models normalise with ``batch_norm_2d`` (primitive ops).
+What we rely on is checked strictly: no model ever calls a torch batch-norm function, and every
+strategy's second-order meta-gradient through our norm equals the per-task loop.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
@@ -16,7 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
+from metakd_run.config import MetaConfig
+from metakd_run.data.tasks import TaskBatch
+from metakd_run.meta.maml import MAML
 from metakd_run.models import build_model, feature_shapes
 from metakd_run.models.conv4 import Conv4
 from metakd_run.models.norm import MetaBatchNorm2d
@@ -118,13 +127,6 @@ def test_meta_batch_norm_matches_functional_batch_norm() -> None:
     _assert_close(norm(x), ref)
 
 
-class FunctionalBatchNorm2d(MetaBatchNorm2d):
-    """The tempting one-liner that vmap gets wrong at second order (functorch issue 534)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-
-
 # --- a tiny second-order MAML, two ways ---------------------------------------------------------
 def _loss(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(functional_call(model, params, (x,))[0], y)
@@ -162,11 +164,10 @@ def meta_grad_loop(model: nn.Module, params: Params, batch: Batch, lr: float) ->
     return {k: v.grad for k, v in leaves.items()}  # type: ignore[misc]
 
 
-def _tiny_net(norm: type[MetaBatchNorm2d] = MetaBatchNorm2d) -> tuple[nn.Module, Params]:
+def _tiny_net() -> tuple[nn.Module, Params]:
     """conv -> norm -> relu -> pool -> linear, i.e. a one-block Conv4, with a random init."""
     torch.manual_seed(0)
     model = Conv4((1, 6, 6), 3, filters=3, blocks=1).to(DT)
-    model.block1.norm = norm(3).to(DT)
     # Perturbed so that the norm affine and biases are non-trivial and no gradient vanishes by init.
     params = {k: v.detach() + 0.3 * torch.randn_like(v) for k, v in model.named_parameters()}
     return model, params
@@ -222,29 +223,6 @@ def _meta_loss_value(model: nn.Module, params: Params, batch: Batch) -> float:
     return meta_loss_loop(model, _leaves(params), batch, LR).item()
 
 
-def test_functional_batch_norm_under_vmap_second_order_upstream_bug() -> None:
-    """Documents functorch issue 534; the day this stops xfailing, MetaBatchNorm2d could go."""
-    model, params = _tiny_net(FunctionalBatchNorm2d)
-    batch = _tasks((1, 6, 6), 3)
-    g_loop = meta_grad_loop(model, params, batch, LR)
-    ref_model, _ = _tiny_net()
-    assert _max_diff(g_loop, meta_grad_loop(ref_model, params, batch, LR)) < 1e-10  # loop is fine
-    g_vmap = meta_grad_vmap(model, params, batch, LR)
-    diff = _max_diff(g_vmap, g_loop)
-    bias = g_vmap["block1.conv.bias"].abs().max().item()
-    if diff > 1e-8:
-        pytest.xfail(
-            f"upstream bug still present in torch {torch.__version__}: vmap over "
-            f"F.batch_norm is off by {diff:.1e}, conv-bias meta-grad {bias:.1e} (not 0)"
-        )
-    warnings.warn(
-        f"torch {torch.__version__}: vmap over F.batch_norm now gives exact second-order "
-        "gradients (functorch issue 534 fixed?)",
-        UserWarning,
-        stacklevel=1,
-    )
-
-
 # --- both models under functional_call + vmap ---------------------------------------------------
 MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
     "conv4": lambda: (Conv4((1, 8, 8), 3, filters=3, blocks=2), (1, 8, 8)),
@@ -279,3 +257,69 @@ def test_second_order_meta_gradient_vmap_equals_loop(name: str) -> None:
     assert _max_diff(g_vmap, g_loop) < 1e-10
     if name == "conv4":
         assert g_vmap["block1.conv.bias"].abs().max() < 1e-10
+
+
+# --- batch norm under our meta-learning strategies -------------------------------------------------
+STRATEGY_CASES = [("conv4", s) for s in ("loop", "vmap", "batched")] + [
+    ("resnet12", s) for s in ("loop", "vmap")
+]
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Records the name of every torch function called while active (under vmap and grad too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def _batch_norm_calls(run: Callable[[], object]) -> list[str]:
+    with _TorchCalls() as calls:
+        run()
+    return [n for n in calls.names if "batch_norm" in n]
+
+
+def _learner(name: str, batching: str) -> tuple[MAML, Params, tuple[int, ...]]:
+    """A tiny model of ``name`` with perturbed parameters (no gradient vanishes by init), in MAML."""
+    torch.manual_seed(0)
+    model, in_shape = MODELS[name]()
+    model = model.to(DT)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return (
+        MAML(model, "classification", MetaConfig(inner_lr=LR, inner_steps=1, batching=batching)),
+        params,
+        in_shape,
+    )
+
+
+def test_the_recorder_sees_functional_batch_norm_under_vmap() -> None:
+    """The control for the test below: an empty record there means no call, not a blind recorder."""
+    norm = nn.BatchNorm2d(3, track_running_stats=False).to(DT)
+    assert _batch_norm_calls(lambda: vmap(norm)(torch.randn(2, 4, 3, 5, 5, dtype=DT))) == ["batch_norm"]
+
+
+@pytest.mark.parametrize(("name", "batching"), STRATEGY_CASES)
+def test_models_never_call_torch_batch_norm(name: str, batching: str) -> None:
+    maml, _, in_shape = _learner(name, batching)
+    batch = TaskBatch(*_tasks(in_shape, 3))
+    assert _batch_norm_calls(lambda: (maml.meta_backward(batch), maml.adaptation_curve(batch, 1))) == []
+
+
+@pytest.mark.parametrize(("name", "batching"), STRATEGY_CASES)
+def test_every_strategy_gets_exact_second_order_batch_norm_gradients(name: str, batching: str) -> None:
+    maml, params, in_shape = _learner(name, batching)
+    batch = _tasks(in_shape, 3)
+    maml.meta_backward(TaskBatch(*batch))
+    ours = {n: p.grad for n, p in maml.model.named_parameters()}
+    ref = meta_grad_loop(maml.model, params, batch, LR)
+    assert _max_diff(ours, ref) < 1e-10
+    assert max(g.abs().max().item() for g in ref.values()) > 1e-4  # not vacuous
+    if name == "conv4":  # a conv bias feeding a batch norm cannot change the loss
+        assert ours["block1.conv.bias"].abs().max() < 1e-10

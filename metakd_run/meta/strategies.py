@@ -1,0 +1,331 @@
+"""How the tasks of a meta-batch are computed: ``loop``, ``vmap`` or ``batched``, behind one interface.
+
+MAML (``meta/maml.py``) is the same algorithm for every strategy: start every task at the
+meta-parameters, adapt each on its own support set, run each on its own query inputs, score each
+with a per-task objective. A strategy decides only *how* the tasks go through those steps, and
+which is fastest depends on the model and the shape (``scripts/benchmark.py`` measures them):
+
+- ``loop``: a Python loop over tasks with plain ``torch.autograd.grad``; wins for convolutions on
+  a CPU (vmapped convolutions are slower, and ``grad`` without the functorch layers is the same
+  arithmetic, measured 1.6x faster on conv4).
+- ``vmap``: ``torch.func.vmap`` over the per-task step, whose gradient comes from
+  ``torch.func.grad``; second order comes from running it inside the graph that the outer
+  ``backward`` differentiates.
+- ``batched``: every task gets its own view of the parameters (``expand``), the model's
+  ``batched_forward`` runs all tasks at once (``bmm`` / grouped convolution), and one plain
+  ``torch.autograd.grad`` gives all per-task inner gradients, with far fewer and larger ops than
+  vmap. Needs a model with ``batched_forward``.
+
+The interface (:class:`Strategy`): ``start`` (every task at the meta-parameters), ``adapt``
+(inner steps of every task, with or without a graph), ``forward`` (every task's outputs and
+features, stacked ``[T, ...]``), ``map`` (a function written for ONE task, applied to every task)
+and ``chunked`` (the one place that splits a meta-batch into pieces and joins the results). The
+per-task parameters a strategy hands from ``start`` to ``adapt`` to ``forward`` are its own
+business: a list of dicts (loop), shared plus per-task tensors (vmap), expanded tensors (batched).
+
+First order (``create_graph=False``) takes the inner gradients as if the parameters were leaves:
+the meta-gradient then flows only through the identity path of the update.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten, tree_map
+
+from metakd_run.data.tasks import TaskBatch
+
+Params = dict[str, Tensor]
+Rates = Mapping[str, Tensor | float]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Forward = Callable[[Params, Tensor], tuple[Tensor, dict[str, Tensor]]]
+P = TypeVar("P")  # a strategy's per-task parameters
+R = TypeVar("R")
+
+
+# --- the task losses ---------------------------------------------------------------------------------
+def mse_loss(out: Tensor, y: Tensor) -> Tensor:
+    return ((out - y) ** 2).mean()
+
+
+def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y)
+
+
+def accuracy(out: Tensor, y: Tensor) -> Tensor:
+    """Fraction of correct labels over the last dimension of ``y`` (one task, or ``[T]`` for many)."""
+    return (out.argmax(-1) == y).to(out.dtype).mean(-1)
+
+
+TASK_LOSS: dict[str, LossFn] = {"regression": mse_loss, "classification": cross_entropy}
+
+
+def losses_per_task(task: str, out: Tensor, y: Tensor) -> Tensor:
+    """Each task's mean loss ``[T]`` for outputs ``[T, B, ...]``: ``TASK_LOSS[task]`` without vmap."""
+    if task == "regression":
+        return ((out - y) ** 2).flatten(1).mean(1)
+    t, b = y.shape[:2]
+    return F.cross_entropy(out.reshape(t * b, -1), y.reshape(t * b), reduction="none").view(t, b).mean(1)
+
+
+# --- one inner step, two ways ------------------------------------------------------------------------
+def sgd_step(
+    model: nn.Module,
+    loss: LossFn,
+    adapted: list[str],
+    params: Params,
+    lrs: Rates,
+    x: Tensor,
+    y: Tensor,
+    create_graph: bool,
+) -> Params:
+    """One gradient step of ONE task on its support loss, a pure function of ``params``.
+
+    The gradient comes from ``torch.func.grad``, so it composes with ``vmap`` and works whether
+    or not ``params`` carry a graph.
+    """
+    fast = {n: params[n] for n in adapted}
+
+    def support_loss(fast_params: Params) -> Tensor:
+        out, _ = functional_call(model, {**params, **fast_params}, (x,))
+        return loss(out, y)
+
+    grads = grad(support_loss)(fast)
+    if not create_graph:
+        grads = {n: g.detach() for n, g in grads.items()}
+    return {**params, **{n: fast[n] - lrs[n] * grads[n] for n in adapted}}
+
+
+def autograd_step(
+    forward: Forward,
+    loss: LossFn,
+    adapted: list[str],
+    params: Params,
+    lrs: Rates,
+    x: Tensor,
+    y: Tensor,
+    create_graph: bool,
+) -> Params:
+    """The same step with plain ``torch.autograd.grad`` (no functorch): the loop and batched paths."""
+    if create_graph:
+        out, _ = forward(params, x)
+        grads = torch.autograd.grad(loss(out, y), [params[n] for n in adapted], create_graph=True)
+    else:
+        # The gradient as if the parameters were leaves: no graph through it (first order,
+        # a frozen teacher, evaluation), while ``params`` itself may still carry the meta-graph.
+        leaves = {n: v.detach().requires_grad_(n in adapted) for n, v in params.items()}
+        with torch.enable_grad():
+            out, _ = forward(leaves, x)
+            grads = torch.autograd.grad(loss(out, y), [leaves[n] for n in adapted])
+    return {**params, **{n: params[n] - lrs[n] * g for n, g in zip(adapted, grads)}}
+
+
+# --- the interface -----------------------------------------------------------------------------------
+class Strategy(ABC, Generic[P]):
+    """How every task of a meta-batch is adapted and run; ``P`` is its per-task parameters."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model: nn.Module, task: str, adapted: list[str], chunk: int) -> None:
+        self.model = model
+        self.task = task
+        self.loss = TASK_LOSS[task]
+        self.adapted = adapted
+        self.chunk = chunk
+
+    @staticmethod
+    def default_chunk(model: nn.Module) -> int:  # noqa: ARG004
+        """Tasks per piece when ``meta.chunk=0``: 0 runs the whole meta-batch at once."""
+        return 0
+
+    @abstractmethod
+    def start(self, params: Params, tasks: int) -> P:
+        """Every one of ``tasks`` tasks at the meta-parameters ``params``."""
+
+    @abstractmethod
+    def adapt(self, p: P, lrs: Rates, x: Tensor, y: Tensor, steps: int, create_graph: bool) -> P:
+        """``steps`` inner steps of every task on its own support set ``x [T, S, ...]``."""
+
+    @abstractmethod
+    def forward(self, p: P, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every task's outputs and features on its own inputs ``x [T, N, ...]``, stacked ``[T, ...]``."""
+
+    def map(self, fn: Callable[..., R], *args: Any) -> R:
+        """``fn`` written for ONE task, applied to every task; args and results lead with ``T``."""
+        return vmap(fn, randomness="different")(*args)
+
+    def chunked(self, fn: Callable[..., R], *args: Any) -> R:
+        """``fn`` on consecutive pieces of at most ``chunk`` tasks, results joined along dim 0.
+
+        Every argument leads with the task dimension (a TaskBatch, a tensor, a dict of tensors), and
+        so does every tensor ``fn`` returns. Peak memory is then bounded by the piece, not the
+        meta-batch; the results are those of one call on all tasks.
+        """
+        total = _num_tasks(args[0])
+        if not 0 < self.chunk < total:
+            return fn(*args)
+        parts = [
+            fn(*(_cut(a, i, min(i + self.chunk, total)) for a in args)) for i in range(0, total, self.chunk)
+        ]
+        return tree_map(lambda *xs: torch.cat(xs), *parts)
+
+
+# --- the three strategies ----------------------------------------------------------------------------
+class LoopStrategy(Strategy[list[Params]]):
+    """A Python loop over tasks, ``torch.autograd.grad`` per task: the per-task parameters are a list."""
+
+    name = "loop"
+
+    def start(self, params: Params, tasks: int) -> list[Params]:
+        return [params] * tasks
+
+    def adapt(
+        self, p: list[Params], lrs: Rates, x: Tensor, y: Tensor, steps: int, create_graph: bool
+    ) -> list[Params]:
+        def one_task(params: Params, xt: Tensor, yt: Tensor) -> Params:
+            for _ in range(steps):
+                params = autograd_step(self._call, self.loss, self.adapted, params, lrs, xt, yt, create_graph)
+            return params
+
+        return [one_task(pt, xt, yt) for pt, xt, yt in zip(p, x, y)]
+
+    def forward(self, p: list[Params], x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return _stack([self._call(pt, xt) for pt, xt in zip(p, x)])
+
+    def map(self, fn: Callable[..., R], *args: Any) -> R:
+        return _stack([fn(*tree_map(lambda a: a[t], args)) for t in range(_num_tasks(args))])
+
+    def _call(self, params: Params, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return functional_call(self.model, params, (x,))
+
+
+@dataclass(frozen=True)
+class VmapParams:
+    """vmap's per-task parameters: the adapted ones per task (once adapted), the rest shared."""
+
+    shared: Params  # every parameter, the same for all tasks
+    fast: Params  # the adapted ones: ``[T, ...]`` if ``per_task``, else still the shared values
+    per_task: bool
+
+
+class VmapStrategy(Strategy[VmapParams]):
+    """``torch.func.vmap`` over :func:`sgd_step` and the model's own forward."""
+
+    name = "vmap"
+
+    def start(self, params: Params, tasks: int) -> VmapParams:  # noqa: ARG002 - vmap needs no copies
+        return VmapParams(params, {n: params[n] for n in self.adapted}, per_task=False)
+
+    def adapt(
+        self, p: VmapParams, lrs: Rates, x: Tensor, y: Tensor, steps: int, create_graph: bool
+    ) -> VmapParams:
+        if steps == 0:
+            return p
+
+        def one_task(fast: Params, xt: Tensor, yt: Tensor) -> Params:
+            params = {**p.shared, **fast}
+            for _ in range(steps):
+                params = sgd_step(self.model, self.loss, self.adapted, params, lrs, xt, yt, create_graph)
+            return {n: params[n] for n in self.adapted}
+
+        in_dims = (0 if p.per_task else None, 0, 0)
+        fast = vmap(one_task, in_dims=in_dims, randomness="different")(p.fast, x, y)
+        return VmapParams(p.shared, fast, per_task=True)
+
+    def forward(self, p: VmapParams, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        def one_task(fast: Params, xt: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            return functional_call(self.model, {**p.shared, **fast}, (xt,))
+
+        return vmap(one_task, in_dims=(0 if p.per_task else None, 0), randomness="different")(p.fast, x)
+
+
+class BatchedStrategy(Strategy[Params]):
+    """All tasks in one graph through ``model.batched_forward``; per-task parameters lead with ``T``."""
+
+    name = "batched"
+
+    def __init__(self, model: nn.Module, task: str, adapted: list[str], chunk: int) -> None:
+        if not hasattr(model, "batched_forward"):
+            raise ValueError(
+                f"meta.batching=batched needs a model with batched_forward; {type(model).__name__} has none"
+            )
+        super().__init__(model, task, adapted, chunk)
+
+    @staticmethod
+    def default_chunk(model: nn.Module) -> int:
+        # Grouped convolutions over all tasks at once are memory-bound on a CPU; a few tasks per
+        # graph keep each layer's activations in cache (measured: 4 tasks is the sweet spot).
+        return 4 if _has_conv(model) else 0
+
+    def start(self, params: Params, tasks: int) -> Params:
+        return {n: v.unsqueeze(0).expand(tasks, *v.shape) for n, v in params.items()}
+
+    def adapt(self, p: Params, lrs: Rates, x: Tensor, y: Tensor, steps: int, create_graph: bool) -> Params:
+        forward = self.model.batched_forward
+        for _ in range(steps):
+            p = autograd_step(forward, self._summed_loss, self.adapted, p, lrs, x, y, create_graph)
+        return p
+
+    def forward(self, p: Params, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.model.batched_forward(p, x)
+
+    def _summed_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        # the sum of per-task means: its gradient w.r.t. each task's parameters is that task's own
+        return losses_per_task(self.task, out, y).sum()
+
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (LoopStrategy, VmapStrategy, BatchedStrategy)}
+BATCHING = ("auto", *STRATEGIES)
+
+
+def resolve_batching(choice: str, model: nn.Module) -> str:
+    """``auto`` picks what ``scripts/benchmark.py`` measured as fastest on the 2-core CPU.
+
+    MLPs run ``batched`` (bmm: 17-20x the per-task loop on the sinusoid shape). Convolutional
+    networks run a plain ``loop``: vmapped convolutions are 2x slower, and conv4's grouped
+    convolutions (``batched``) win only on small shapes (1.2x on the Omniglot CPU preset, 0.7x on
+    the paper's Omniglot shape), so the presets that profit set ``meta.batching=batched``
+    themselves. Anything else runs ``vmap``. The README's "Speed" section has the figures.
+    """
+    choice = str(getattr(choice, "value", choice))  # a str-valued Enum member, or the string itself
+    if choice not in BATCHING:
+        raise ValueError(f"meta.batching must be one of {BATCHING}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if _has_conv(model):
+        return "loop"
+    return "batched" if hasattr(model, "batched_forward") else "vmap"
+
+
+def make_strategy(choice: str, chunk: int, model: nn.Module, task: str, adapted: list[str]) -> Strategy:
+    """The strategy ``meta.batching`` names (``auto``: by model); ``chunk`` 0 takes its default."""
+    cls = STRATEGIES[resolve_batching(choice, model)]
+    return cls(model, task, adapted, chunk or cls.default_chunk(model))
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _num_tasks(tree: object) -> int:
+    if isinstance(tree, TaskBatch):
+        return tree.num_tasks
+    return tree_flatten(tree)[0][0].shape[0]
+
+
+def _cut(tree: object, start: int, stop: int) -> object:
+    if isinstance(tree, TaskBatch):
+        return tree.slice(start, stop)
+    return tree_map(lambda t: t[start:stop], tree)
+
+
+def _stack(results: list[R]) -> R:
+    return tree_map(lambda *xs: torch.stack(xs), *results)
