@@ -12,14 +12,24 @@ from typing import Any
 
 import torch
 
-from metakd_run.config import ConfigError, KDConfig, MetaConfig
+from metakd_run.config import ConfigError, Family, KDConfig, KDSource, MetaConfig
 from metakd_run.distill.losses import DISTANCES, EMBEDDING, OUTPUT, Distiller
 from metakd_run.meta.maml import MAML
+from metakd_run.meta.protonet import ProtoNet
 from metakd_run.models import MODELS, build_model, feature_shapes
 
+LEARNERS: dict[Family, type[MAML | ProtoNet]] = {Family.maml: MAML, Family.protonet: ProtoNet}
 
-def learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) -> MAML:
-    """A model of ``model_cfg`` for ``source``'s tasks inside MAML, initialised from ``seed``."""
+
+def learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) -> MAML | ProtoNet:
+    """A model of ``model_cfg`` for ``source``'s tasks inside ``who``'s family (``meta.family_of``),
+    initialised from ``seed``."""
+    family = meta.family_of(who)
+    if family == Family.protonet and source.task != "classification":
+        raise ConfigError(
+            f"{meta.family_key(who)}=protonet is invalid: Prototypical Networks classify, and these tasks "
+            f"are {source.task}; choose the maml family (meta=maml, fomaml, metasgd or anil)"
+        )
     if model_cfg.name not in MODELS:
         raise ConfigError(f"{who}={model_cfg.name!r} is invalid: choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
@@ -28,12 +38,12 @@ def learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) 
     except ValueError as err:
         raise ConfigError(f"{who}.{err}" if "=" in str(err).split(" ")[0] else f"{who}: {err}") from None
     try:
-        return MAML(model, source.task, meta)
+        return LEARNERS[family](model, source.task, meta)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def tap_pairs(kd: KDConfig, teacher: MAML, student: MAML) -> list[tuple[str, str]]:
+def tap_pairs(kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet) -> list[tuple[str, str]]:
     """(teacher tap, student tap) pairs; ``null`` taps take the distance's default for each model."""
     distance = DISTANCES[kd.distance]
 
@@ -50,10 +60,13 @@ def tap_pairs(kd: KDConfig, teacher: MAML, student: MAML) -> list[tuple[str, str
     return list(zip(teacher_taps, student_taps))
 
 
-def distiller(kd: KDConfig, teacher: MAML, student: MAML, in_shape: tuple[int, ...]) -> Distiller:
+def distiller(
+    kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet, in_shape: tuple[int, ...]
+) -> Distiller:
     """The distillation term for this teacher and student, every tap and shape checked."""
     if kd.distance not in DISTANCES:
         raise ConfigError(f"kd.distance={kd.distance!r} is invalid: choose one of {', '.join(DISTANCES)}")
+    check_families(kd, teacher, student)
     if DISTANCES[kd.distance].needs_logits and teacher.task != "classification":
         raise ConfigError(
             f"kd.distance={kd.distance} compares class probabilities, but these tasks are {teacher.task}: "
@@ -70,7 +83,47 @@ def distiller(kd: KDConfig, teacher: MAML, student: MAML, in_shape: tuple[int, .
                     f"{key}: {tap!r} is not a feature of the {who}, which has {', '.join(sorted(shapes))}"
                 )
     try:
-        return Distiller(kd.distance, kd.temperature, pairs, t_shapes, s_shapes)
+        return Distiller(
+            kd.distance,
+            kd.temperature,
+            pairs,
+            t_shapes,
+            s_shapes,
+            learn_weight=kd.learn_weight,
+            learn_temperature=kd.learn_temperature,
+            per_tap=kd.learn_per_tap,
+        )
     except ValueError as err:
         taps = ",".join(t for t, _ in pairs)
-        raise ConfigError(f"kd.taps=[{taps}] is invalid for kd.distance={kd.distance}: {err}") from None
+        student_taps = ",".join(s for _, s in pairs)
+        raise ConfigError(
+            f"kd.taps=[{taps}] with kd.student_taps=[{student_taps}] is invalid for "
+            f"kd.distance={kd.distance}: {err}"
+        ) from None
+
+
+def check_families(kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet) -> None:
+    """What a distillation mode needs of the teacher's and the student's family (one line each)."""
+    meta = student.cfg
+    if kd.source == KDSource.init and isinstance(teacher, ProtoNet):
+        raise ConfigError(
+            "kd.source=init is invalid: a protonet teacher has no initialisation to distil apart from "
+            "its support prototypes; use kd.source=adapted"
+        )
+    if kd.inner and isinstance(student, ProtoNet):
+        raise ConfigError(
+            f"kd.inner=true is invalid: it distils in the student's inner loop, and the protonet students "
+            f"({meta.family_key('student')}=protonet) have none; use kd.inner=false"
+        )
+    if kd.inner and meta.inner_steps < 1:
+        raise ConfigError("kd.inner=true is invalid with meta.inner_steps=0: the students take no inner step")
+    learned = [k for k in ("learn_weight", "learn_temperature") if getattr(kd, k)]
+    if learned and meta.first_order:
+        raise ConfigError(
+            f"kd.{learned[0]}=true is invalid with meta.first_order=true: it acts on the meta-loss only "
+            "through the inner loop's gradients, which first order does not differentiate: set it false"
+        )
+    if kd.learn_temperature and not DISTANCES[kd.distance].uses_temperature:
+        raise ConfigError(
+            f"kd.learn_temperature=true is invalid: kd.distance={kd.distance} has no temperature (kd=kl has)"
+        )

@@ -63,8 +63,8 @@ def compose():
 
     import metakd_run.cli  # noqa: F401 - registers the structured configs
 
-    def _compose(*overrides: str):
+    def _compose(*overrides: str, hydra_config: bool = False):
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides))
+            return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
 
     return _compose

@@ -7,6 +7,7 @@ a few iterations): what is checked is the sweep machinery, not the learning.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,9 +19,21 @@ from omegaconf import OmegaConf
 from metakd_run.sweep import collect, write_summary
 from tests.conftest import TINY, metakd_run_exe
 
-pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # no hydra_plugins namespace at all
+        return False
+
+
+def needs(*plugins: str) -> pytest.MarkDecorator:
+    """Skip one test, not the module, when a Hydra plugin it uses is not installed."""
+    missing = [p for p in plugins if not _installed(f"hydra_plugins.{p}")]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (pip install '.[sweep]')")
+
+
+JOBLIB, OPTUNA, SUBMITIT = "hydra_joblib_launcher", "hydra_optuna_sweeper", "hydra_submitit_launcher"
 
 # TINY, shortened further: the sweep tests run several jobs each.
 SWEEP_TINY = [o for o in TINY if not o.startswith(("train.iterations", "train.val_every"))] + [
@@ -43,6 +56,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
+@needs(JOBLIB)
 def test_joblib_grid_with_a_bad_cell_and_a_diverging_cell(tmp_path: Path):
     """2x2 grid on two joblib workers: one good job, one diverging, two failing validation."""
     proc, sweep_dir = multirun(
@@ -82,6 +97,8 @@ def test_joblib_grid_with_a_bad_cell_and_a_diverging_cell(tmp_path: Path):
     assert "final/teacher/mse_step_1" in {m.name.tag for m in experiment.experiment.metric_infos}
 
 
+@pytest.mark.slow
+@needs(OPTUNA, SUBMITIT)
 def test_optuna_search_runs_its_trials_on_submitit_local(tmp_path: Path):
     """The sinusoid preset (TPE, seeded) with two trials, each a submitit_local job."""
     proc, sweep_dir = multirun(
@@ -133,6 +150,7 @@ def test_summary_marks_the_highest_accuracy_and_lists_errors_and_missing_jobs(tm
     assert "| **1** ★ | ok | 1 | 0.74 |" in md
 
 
+@needs(OPTUNA, SUBMITIT, JOBLIB)
 def test_presets_and_launcher_configs_compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
