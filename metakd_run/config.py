@@ -47,6 +47,13 @@ class Batching(Choice):
     loop = "loop"
 
 
+class Family(Choice):
+    """A family of meta-learners: how a model turns a task's support set into predictions."""
+
+    maml = "maml"  # gradient steps from a learned initialisation (MAML, FOMAML, Meta-SGD, ANIL)
+    protonet = "protonet"  # Prototypical Networks: class prototypes, distance logits, no inner loop
+
+
 class OuterSchedule(Choice):
     constant = "constant"
     cosine = "cosine"
@@ -216,6 +223,19 @@ class MetaConfig:
     batching: Batching = Batching.auto  # how the tasks of a meta-batch are computed (meta/strategies.py)
     chunk: int = 0  # >0: this many tasks per graph (bounded memory); 0: the strategy's choice
     task_shards: int = 0  # >0: draw the meta-batch as N rank-seeded shards (see distributed.py)
+    family: Family = Family.maml  # every model's family: maml (this group's options) or protonet
+    teacher_family: Family | None = None  # the teacher's, when it differs (null: family)
+    student_family: Family | None = None  # both students', when it differs (null: family)
+
+    def family_of(self, role: str) -> Family:
+        """The family of ``role``: ``teacher``, or a student (``student``, ``student_kd``, ...)."""
+        own = self.teacher_family if role == "teacher" else self.student_family
+        return Family(self.family if own is None else own)
+
+    def family_key(self, role: str) -> str:
+        """The key that sets ``role``'s family, for messages."""
+        own = "teacher_family" if role == "teacher" else "student_family"
+        return f"meta.{own}" if getattr(self, own) is not None else "meta.family"
 
     def __post_init__(self) -> None:
         check(self.inner_lr >= 0, "meta.inner_lr", self.inner_lr, "must be >= 0")
@@ -242,8 +262,31 @@ class KDConfig:
     student_taps: list[str] | None = None  # the student's features, one per tap; null: the same names
     source: KDSource = KDSource.adapted
     transfer: int = 0  # extra unlabelled inputs per task (per class for images) to distil on
+    inner: bool = False  # distil in the student's inner loop (support set); outer loss: the task loss
+    learn_weight: bool = False  # meta-learn a positive factor on kd.weight (through the inner loop)
+    learn_temperature: bool = False  # meta-learn kd.temperature (kl; through the inner loop)
+    learn_per_tap: bool = False  # one learned weight/temperature per tap pair, not one for all
 
     def __post_init__(self) -> None:
+        for key in ("learn_weight", "learn_temperature"):
+            check(
+                self.inner or not getattr(self, key),
+                f"kd.{key}",
+                True,
+                "it is meta-learned through the student's inner loop: set kd.inner=true too",
+            )
+        check(
+            not self.learn_weight or self.weight > 0,
+            "kd.weight",
+            self.weight,
+            "a learned weight scales kd.weight: start it > 0",
+        )
+        check(
+            not self.learn_per_tap or self.learn_weight or self.learn_temperature,
+            "kd.learn_per_tap",
+            True,
+            "set kd.learn_weight=true or kd.learn_temperature=true too",
+        )
         check(self.weight >= 0, "kd.weight", self.weight, "must be >= 0")
         check(self.temperature > 0, "kd.temperature", self.temperature, "must be > 0")
         check(self.taps is None or len(self.taps) >= 1, "kd.taps", self.taps, "name a tap, e.g. [output]")
@@ -300,6 +343,7 @@ class EvalConfig:
     batch: int = 100
     plot_tasks: int = 4
     every_step: bool = True
+    lake_runs: str | None = None  # Lake et al.'s 20 one-shot runs (all_runs.zip or a folder holding them)
 
     def __post_init__(self) -> None:
         check(self.tasks >= 2, "eval.tasks", self.tasks, "must be >= 2 (a confidence interval needs two)")
@@ -312,6 +356,25 @@ class EvalConfig:
         )
         check(self.batch >= 0, "eval.batch", self.batch, "must be >= 0")
         check(self.plot_tasks >= 1, "eval.plot_tasks", self.plot_tasks, "must be >= 1")
+        check(
+            self.lake_runs is None or bool(self.lake_runs.strip()),
+            "eval.lake_runs",
+            self.lake_runs,
+            "give the path of all_runs.zip or of a folder that holds the runs, or null",
+        )
+
+
+@dataclass
+class StudyConfig:
+    """A study preset (``study=``, configs/study): read by the sweep summary, which closes the sweep
+    with ``study.md`` and ``study.png``; ``cell``/``cells`` let one swept key stand for several."""
+
+    name: str | None = None  # null: not a study
+    x: str = "setting"  # student_parameters: the student's parameter count; setting: the swept value
+    x_label: str = "setting"
+    step: int | None = None  # the inner step the figure shows; null: the last of eval.report_steps
+    cell: str | None = None  # the swept cell, a key of cells (the settings interpolate from it)
+    cells: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -328,6 +391,7 @@ class Config:
     dtype: DType = DType.float32
     threads: int = 0  # torch.set_num_threads; 0 keeps PyTorch's default
     name: str = "metakd"
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         for who in ("teacher", "student"):

@@ -85,6 +85,9 @@ class Experiment:
         """Load every split, build every learner and the distiller, check a given teacher checkpoint."""
         cfg, ds = self.cfg, self.cfg.dataset
         split = getattr(ds, "split_name", lambda role: str(role))
+        from metakd_run.lake import check as check_lake_runs
+
+        check_lake_runs(cfg)  # eval.lake_runs: the runs are readable and the heads as wide as they are
         val = build_task_source(ds, split(Split.val))
         self.src = Sources(
             train=build_task_source(ds, split(Split.train), transfer=cfg.kd.transfer),
@@ -121,7 +124,7 @@ class Experiment:
             return Trainee(student, student, student.meta_backward, cfg.student)
         torch.manual_seed(self.seed("projection_init"))
         distiller = build.distiller(cfg.kd, teacher, student, self.src.train.in_shape)
-        mkd = MetaDistillation(teacher, student, distiller, cfg.kd.weight, cfg.kd.source)
+        mkd = MetaDistillation(teacher, student, distiller, cfg.kd.weight, cfg.kd.source, inner=cfg.kd.inner)
         module = nn.ModuleDict({"learner": student, "distiller": distiller})
         return Trainee(student, module, mkd.meta_backward, cfg.student)
 

@@ -153,7 +153,7 @@ def _group_cases() -> list[tuple[str, str, list[str]]]:
     for option in options("dataset"):
         cases.append(("dataset", option, [] if option == "sinusoid" else [images[0], *images[2:]]))
     for option in options("model"):
-        fits = [] if option == "mlp" else images[:2]
+        fits = [] if option.startswith("mlp") else images[:2]
         cases.append(("model", option, [*fits, f"model@teacher={option}", f"model@student={option}"]))
     for group in ("meta", "kd"):
         cases += [(group, option, []) for option in options(group)]

@@ -111,7 +111,10 @@ def test_optuna_search_runs_its_trials_on_submitit_local(tmp_path: Path):
     rows = read_csv(sweep_dir / "sweep_summary.csv")
     assert [r["status"] for r in rows] == ["ok", "ok"]
     best = [r for r in rows if r["best"] == "*"]
-    assert len(best) == 1 and float(best[0]["objective"]) == pytest.approx(results.best_value, rel=1e-5)
+    # a star only when the best trial is ahead beyond the noise (tiny trials rarely are)
+    assert len(best) <= 1
+    if best:
+        assert float(best[0]["objective"]) == pytest.approx(results.best_value, rel=1e-5)
     # the sweeper minimised the MSE: the best trial has the lowest objective
     assert min(float(r["objective"]) for r in rows) == pytest.approx(results.best_value, rel=1e-5)
     assert list((sweep_dir / ".submitit").glob("*/*_result.pkl"))  # the jobs went through submitit

@@ -8,10 +8,16 @@ knowledge distillation asks of a task. Where a distance needs the student's feat
 teacher's space, a learned projection maps it there; it is meta-learned with the student (outer
 loop only), as in torchdistill's regressors and FitNets. Adding a distance is one class with a
 ``@register`` line.
+
+The :class:`Distiller` may also meta-learn the weight and the temperature of the distillation
+(``kd.learn_weight``, ``kd.learn_temperature``), one for all taps or one per tap, each kept
+positive as the exponential of a learned log; :mod:`metakd_run.distill.mkd` trains them
+through the student's inner loop.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -27,6 +33,7 @@ class Distance(nn.Module):
 
     default_tap: str = OUTPUT
     needs_logits: bool = False  # classification only (softmax over classes)
+    uses_temperature: bool = False  # forward takes ``temperature=`` (a learned one, per tap)
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
@@ -72,12 +79,13 @@ class KLDistance(Distance):
     """Hinton et al.'s softened KL(teacher || student) on logits, scaled by T^2."""
 
     needs_logits = True
+    uses_temperature = True
 
     def projection(self, student: Sequence[int], teacher: Sequence[int]) -> nn.Module:  # noqa: ARG002
         return nn.Identity()
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        t = self.temperature
+    def forward(self, student: Tensor, teacher: Tensor, temperature: Tensor | None = None) -> Tensor:
+        t = self.temperature if temperature is None else temperature
         log_p_s = F.log_softmax(student / t, dim=-1)
         log_p_t = F.log_softmax(teacher / t, dim=-1)
         kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
@@ -213,7 +221,13 @@ def make_projection(student: Sequence[int], teacher: Sequence[int]) -> nn.Module
 
 
 class Distiller(nn.Module):
-    """The distillation term without its weight: the mean distance over the configured tap pairs."""
+    """The distillation term: the mean distance over the configured tap pairs, and its learned parts.
+
+    ``forward`` is the plain mean distance (what ``kd_loss`` reports); :meth:`weigh` applies the
+    learned weight factors, ``exp(log_weight)`` (1 at the start, so the weight starts at kd.weight).
+    A learned temperature is ``exp(log_temperature)``, started at ``temperature``. With
+    ``per_tap`` each tap pair has its own of both, else one is shared by all.
+    """
 
     def __init__(
         self,
@@ -222,10 +236,21 @@ class Distiller(nn.Module):
         pairs: Sequence[tuple[str, str]],
         teacher_shapes: Mapping[str, tuple[int, ...]],
         student_shapes: Mapping[str, tuple[int, ...]],
+        *,
+        learn_weight: bool = False,
+        learn_temperature: bool = False,
+        per_tap: bool = False,
     ) -> None:
         super().__init__()
         self.pairs = [tuple(p) for p in pairs]
         self.distance = make_distance(distance, temperature)
+        if learn_temperature and not self.distance.uses_temperature:
+            raise ValueError(f"kd.distance={distance} has no temperature to learn (kl has one)")
+        n = len(self.pairs) if per_tap else 1
+        self.log_weight = nn.Parameter(torch.zeros(n)) if learn_weight else None
+        self.log_temperature = (
+            nn.Parameter(torch.full((n,), math.log(temperature))) if learn_temperature else None
+        )
         self.projections = nn.ModuleDict()
         for t_tap, s_tap in self.pairs:
             for tap, shapes, who in ((t_tap, teacher_shapes, "teacher"), (s_tap, student_shapes, "student")):
@@ -237,9 +262,49 @@ class Distiller(nn.Module):
                 student_shapes[s_tap], teacher_shapes[t_tap]
             )
 
+    @property
+    def learns(self) -> bool:
+        """Whether anything beyond the projections is meta-learned (the weight or the temperature)."""
+        return self.log_weight is not None or self.log_temperature is not None
+
+    def terms(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> Tensor:
+        """The distance of every tap pair, ``[pairs]``, at the (learned) temperatures."""
+        temperature = None
+        if self.log_temperature is not None:
+            temperature = self.log_temperature.exp().expand(len(self.pairs))
+        terms = []
+        for i, (t, s) in enumerate(self.pairs):
+            at = {} if temperature is None else {"temperature": temperature[i]}
+            terms.append(self.distance(self.projections[_key(t, s)](student[s]), teacher[t], **at))
+        return torch.stack(terms)
+
     def forward(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> Tensor:
-        terms = [self.distance(self.projections[_key(t, s)](student[s]), teacher[t]) for t, s in self.pairs]
-        return torch.stack(terms).mean()
+        return self.terms(student, teacher).mean()
+
+    def weigh(self, terms: Tensor) -> Tensor:
+        """The mean of :meth:`terms`, each times its learned weight factor (if the weight is learned)."""
+        if self.log_weight is None:
+            return terms.mean()
+        return (self.log_weight.exp() * terms).mean()
+
+    def learned_values(self, weight: float) -> dict[str, float]:
+        """The learned weights (``weight`` times the factors) and temperatures, for the logs: ``kd_weight``,
+        or per tap ``kd_weight/<tap>`` (``kd_weight/<teacher tap>__to__<student tap>`` if they differ)."""
+        values: dict[str, float] = {}
+        for name, log_value, scale in (
+            ("kd_weight", self.log_weight, weight),
+            ("kd_temperature", self.log_temperature, 1.0),
+        ):
+            if log_value is None:
+                continue
+            current = (scale * log_value.detach().exp()).tolist()
+            if len(current) == 1:
+                values[name] = current[0]
+            else:
+                values.update(
+                    {f"{name}/{t if t == s else _key(t, s)}": v for (t, s), v in zip(self.pairs, current)}
+                )
+        return values
 
 
 def _key(teacher_tap: str, student_tap: str) -> str:

@@ -1,9 +1,23 @@
-"""Meta knowledge distillation: the student's outer loss distils from the teacher adapted per task.
+"""Meta knowledge distillation: the student learns from the teacher adapted to each task.
 
 For each task the frozen teacher adapts on the support set (no graph), and its outputs and
-features on the query inputs (plus optional unlabelled transfer inputs) become targets. The
-student adapts on the same support set; its outer loss is its task loss on the labelled query
-points plus ``weight`` times the distance to the teacher's targets on all query inputs.
+features become targets. Teacher and student may be of different families
+(:mod:`metakd_run.meta`): a MAML teacher's targets come from its adapted parameters, a ProtoNet's
+are its distance logits given the support set; both come from ``adapted_outputs``, and a student
+of either family matches them with the same distances.
+
+Where the distillation acts (``kd.inner``):
+
+- in the outer loss (default): the student adapts on the support set as usual; its outer loss is
+  its task loss on the labelled query points plus ``weight`` times the distance to the teacher's
+  targets on all query inputs (and the optional unlabelled transfer inputs).
+- in the inner loop: the student adapts on its support loss plus ``weight`` times the distance to
+  the teacher on the support inputs (and the transfer inputs); the outer loss is the task loss on
+  the query set alone. The meta-gradient then reaches the distillation's own parameters through
+  the inner loop, which is how a learned weight and temperature (``kd.learn_*``) are trained: by
+  what they do to the adapted student's query loss, as in Meta Knowledge Distillation (Liu et al.
+  2022, arXiv 2202.07940) and MetaDistil (Zhou et al., ACL 2022). In both modes the student is
+  evaluated alone: at meta-test it adapts on the task loss, with no teacher.
 """
 
 from __future__ import annotations
@@ -12,54 +26,141 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+from torch.func import functional_call, grad
 
 from metakd_run.data.tasks import TaskBatch
-from metakd_run.distill.losses import Distiller
+from metakd_run.distill.losses import OUTPUT, Distiller
 from metakd_run.meta.maml import MAML
+from metakd_run.meta.protonet import ProtoNet
+from metakd_run.meta.strategies import TASK_LOSS, Params
+
+Learner = MAML | ProtoNet
 
 
 class MetaDistillation:
-    """Binds a frozen teacher, a student learner and a distiller into one meta-objective."""
+    """Binds a frozen teacher, a student learner and a distiller into one meta-objective.
+
+    ``weight`` is the distillation's weight (a learned weight starts there, see
+    :meth:`Distiller.weigh`); ``source="init"`` distils a MAML teacher's unadapted initialisation;
+    ``inner`` moves the distillation into the student's inner loop (a MAML student's only).
+    """
 
     def __init__(
         self,
-        teacher: MAML,
-        student: MAML,
+        teacher: Learner,
+        student: Learner,
         distiller: Distiller,
         weight: float,
         source: str = "adapted",
+        inner: bool = False,
     ) -> None:
         if source not in ("adapted", "init"):
             raise ValueError(f"kd.source must be 'adapted' or 'init', got {source!r}")
+        if inner and (isinstance(student, ProtoNet) or student.cfg.inner_steps < 1):
+            raise ValueError("kd.inner=true distils in the student's inner loop, and this student has none")
+        if distiller.learns and not inner:
+            raise ValueError(
+                "a learned kd weight or temperature is trained through the inner loop: kd.inner=true"
+            )
         self.teacher = teacher
         self.student = student
         self.distiller = distiller
         self.weight = weight
         self.source = source
+        self.inner = inner
         self.teacher_taps = sorted({t for t, _ in distiller.pairs})
 
-    def teacher_targets(self, batch: TaskBatch, query_x: Tensor) -> dict[str, Tensor]:
-        """The teacher's outputs/features on every query input, per task: ``{tap: [T, Q(+U), ...]}``."""
+    def teacher_targets(self, batch: TaskBatch, inputs: Tensor) -> dict[str, Tensor]:
+        """The teacher's outputs and features ``{tap: [T, N, ...]}`` on ``inputs``, per support set."""
         steps = None if self.source == "adapted" else 0
-        out, feats = self.teacher.adapted_outputs(batch.support_x, batch.support_y, query_x, steps)
-        feats = {**feats, "output": out}
+        out, feats = self.teacher.adapted_outputs(batch.support_x, batch.support_y, inputs, steps)
+        feats = {**feats, OUTPUT: out}
         return {t: feats[t] for t in self.teacher_taps}
 
+    # --- distillation in the outer loss ------------------------------------------------------------
     def objective(
         self, out: Tensor, feats: dict[str, Tensor], qy: Tensor, extra: Mapping[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Per task: task loss on the labelled queries + weight x distance on all query inputs."""
         task_loss, aux = self.student.query_loss(out, qy)
-        distance = self.distiller({**feats, "output": out}, extra)
-        aux = {**aux, "kd_loss": distance}
-        return task_loss + self.weight * distance, aux
+        terms = self.distiller.terms({**feats, OUTPUT: out}, extra)
+        aux = {**aux, "kd_loss": terms.mean()}
+        return task_loss + self.weight * self.distiller.weigh(terms), aux
 
+    # --- distillation in the inner loop ------------------------------------------------------------
+    def inner_task_losses(self, batch: TaskBatch, targets: Mapping[str, Tensor]) -> tuple[Tensor, dict]:
+        """Per-task query losses ``[T]`` after inner steps on task loss + weight x distance.
+
+        ``targets`` are the teacher's on each task's support inputs (then transfer inputs). The
+        inner gradients keep their graph (unless ``meta.first_order``), so the outer loss reaches
+        the meta-parameters, the projections and the learned weight and temperature through them.
+        ``kd_loss`` reports the distance at the meta-parameters (the first inner step).
+        """
+        student = self.student
+        params, lrs = student.params(), student.lrs()
+        adapted = list(lrs)
+        steps, first_order = student.cfg.inner_steps, student.cfg.first_order
+        task_loss = TASK_LOSS[student.task]
+        shots = batch.support_y.shape[1]
+
+        def one_task(
+            x: Tensor, y: Tensor, teacher: dict[str, Tensor], qx: Tensor, qy: Tensor
+        ) -> tuple[Tensor, dict[str, Tensor]]:
+            def support_loss(fast: Params) -> tuple[Tensor, Tensor]:
+                out, feats = functional_call(student.model, {**params, **fast}, (x,))
+                terms = self.distiller.terms({**feats, OUTPUT: out}, teacher)
+                return task_loss(out[:shots], y) + self.weight * self.distiller.weigh(terms), terms.mean()
+
+            fast, first_distance = {n: params[n] for n in adapted}, None
+            for _ in range(steps):
+                grads, distance = grad(support_loss, has_aux=True)(fast)
+                if first_order:
+                    grads = {n: g.detach() for n, g in grads.items()}
+                fast = {n: fast[n] - lrs[n] * grads[n] for n in adapted}
+                first_distance = distance if first_distance is None else first_distance
+            out, _ = functional_call(student.model, {**params, **fast}, (qx,))
+            loss, aux = student.query_loss(out, qy)
+            return loss, {**aux, "kd_loss": first_distance.detach()}
+
+        inputs = support_inputs(batch)
+        return student.strategy.map(
+            one_task, inputs, batch.support_y, dict(targets), batch.query_x, batch.query_y
+        )
+
+    # --- one meta-step -----------------------------------------------------------------------------
     def meta_backward(self, batch: TaskBatch) -> dict[str, float]:
-        """Accumulate the student's (and projections') meta-gradient; return the metrics."""
+        """Accumulate the student's (projections', learned values') meta-gradient; return the metrics.
+
+        The metrics hold the learned weight and temperature (``kd_weight``, ``kd_temperature``, or
+        per tap ``kd_weight/<tap>``, ...) when they are learned: the training loop logs them.
+        """
         for p in self.teacher.parameters():  # frozen from the first distillation step (it was trained)
             p.requires_grad_(False)
-        query_x = batch.query_x
-        if batch.transfer_x is not None:
-            query_x = torch.cat([query_x, batch.transfer_x], dim=1)
-        extra = self.teacher_targets(batch, query_x)
-        return self.student.meta_backward(batch, self.objective, extra, query_x=query_x)
+        if self.inner:
+            metrics = self._inner_meta_backward(batch)
+        else:
+            query_x = batch.query_x
+            if batch.transfer_x is not None:
+                query_x = torch.cat([query_x, batch.transfer_x], dim=1)
+            extra = self.teacher_targets(batch, query_x)
+            metrics = self.student.meta_backward(batch, self.objective, extra, query_x=query_x)
+        return {**metrics, **self.distiller.learned_values(self.weight)}
+
+    def _inner_meta_backward(self, batch: TaskBatch) -> dict[str, float]:
+        total = batch.num_tasks
+        targets = self.teacher_targets(batch, support_inputs(batch))
+
+        def backward_piece(part: TaskBatch, part_targets: dict[str, Tensor]) -> dict[str, Tensor]:
+            losses, aux = self.inner_task_losses(part, part_targets)
+            (losses.sum() / total).backward()
+            return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+
+        metrics = self.student.strategy.chunked(backward_piece, batch, targets)
+        return {k: float(v.mean()) for k, v in metrics.items()}
+
+
+def support_inputs(batch: TaskBatch) -> Tensor:
+    """Each task's support inputs, then its transfer inputs if any: ``[T, S(+U), ...]``."""
+    if batch.transfer_x is None:
+        return batch.support_x
+    return torch.cat([batch.support_x, batch.transfer_x], dim=1)
