@@ -144,9 +144,8 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
         now = OmegaConf.select(cfg, key, default=None)
         before = OmegaConf.select(saved, key, default=None)
         if now != before:
-            ignored.append(
-                f"{override} (the run has {key}={OmegaConf.to_container(before) if isinstance(before, DictConfig | list) else before})"
-            )
+            shown = OmegaConf.to_container(before) if OmegaConf.is_config(before) else before
+            ignored.append(f"{override} (the run has {key}={shown})")
     if ignored:
         raise ConfigError(
             f"train.resume={folder} continues the saved run, so these overrides cannot apply: "

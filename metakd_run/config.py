@@ -377,6 +377,20 @@ class StudyConfig:
     cells: dict[str, Any] = field(default_factory=dict)
 
 
+class LoggerBackend(Choice):
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    none = "none"
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.tensorboard
+    tracking_uri: str | None = None  # mlflow: null keeps a store in <run>/mlruns; or http(s)://server:port
+    experiment_name: str | None = None  # mlflow: the experiment the run is filed under (null: metakd-run)
+    run_name: str | None = None  # mlflow: null -> <parent folder>/<run folder>
+
+
 @dataclass
 class Config:
     dataset: Any = MISSING
@@ -386,6 +400,7 @@ class Config:
     kd: KDConfig = field(default_factory=KDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: DType = DType.float32
@@ -438,6 +453,7 @@ def register_configs() -> None:
         cs.store(name=f"schema_model_{name}", node=node, provider="metakd_run")
     cs.store(name="schema_meta", node=MetaConfig, provider="metakd_run")
     cs.store(name="schema_kd", node=KDConfig, provider="metakd_run")
+    cs.store(name="schema_logger", node=LoggerConfig, provider="metakd_run")
 
 
 def _typed_node(schemas: dict[str, type], node: Any, key: str, fix: str) -> Any:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +31,42 @@ from torch import nn
 
 from metakd_run.config import ConfigError
 from metakd_run.data.tasks import TaskBatch
+from metakd_run.seeding import derive_seed
 
 Step = Callable[[TaskBatch], dict[str, float]]
 
 
 def env_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    """(rank, world size, local rank) from torchrun's environment, else from an ``srun -n N`` job
+    step's (see ``slurm_world``); (0, 1, 0) without either."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        slurm_world()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def slurm_world() -> None:
+    """Translate an ``srun`` step's variables into torchrun's, so ``srun -n N metakd-run ...`` starts
+    N ranks without torchrun: rank ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` ranks, local rank
+    ``SLURM_LOCALID``; rank 0 is the step's first node, on port 20000 + job id mod 20000 unless
+    ``MASTER_ADDR``/``MASTER_PORT`` are exported. (A batch script's own shell is not a step: there
+    ``SLURM_STEP_NUM_TASKS`` is unset and the process stays alone.)
+    """
+    env = os.environ
+    env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+    env["RANK"] = env.get("SLURM_PROCID", "0")
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        import subprocess
+
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=False
+        ).stdout.split()
+        env["MASTER_ADDR"] = hosts[0] if hosts else nodes
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
 def is_secondary_rank() -> bool:
@@ -171,7 +196,7 @@ def _destroy() -> None:
 
 def shard_seed(task_seed: int, iteration: int, shard: int) -> int:
     """An independent, reproducible seed for one shard of one meta-iteration."""
-    return (task_seed * 1_000_003 + zlib.crc32(f"{iteration}/{shard}".encode())) % (2**63)
+    return derive_seed(task_seed, iteration, shard)
 
 
 def cat_batches(batches: Sequence[TaskBatch]) -> TaskBatch:

@@ -114,7 +114,8 @@ class Experiment:
         for name in (Stage.student_kd, Stage.student_base):
             if name in cfg.train.stages:
                 self.trainees[name.value] = self.student(name, teacher)
-        self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main)  # rank 0 alone logs
+        # rank 0 alone logs
+        self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main, logger=cfg.logger)
 
     def student(self, name: str, teacher: MAML) -> Trainee:
         """The same student init for both students; the distilled one also trains its projections."""
@@ -159,7 +160,11 @@ class Experiment:
         key = {
             "dataset": to_dict(cfg.dataset),
             "teacher": to_dict(cfg.teacher),
-            "meta": to_dict(cfg.meta),
+            # the teacher's family stands in for the family fields: the students' family is not its own
+            "meta": {
+                **{k: v for k, v in to_dict(cfg.meta).items() if not k.endswith("family")},
+                "family": str(cfg.meta.family_of("teacher")),
+            },
             "iterations": cfg.train.iterations,
             "validation": [cfg.train.val_every, cfg.train.val_tasks, cfg.eval.seed, cfg.eval.batch],
             "seed": cfg.seed,

@@ -21,9 +21,10 @@ from torch import nn
 
 from metakd_run import __version__
 from metakd_run.checkpoint import write_text_atomic
-from metakd_run.config import Config, Stage, to_yaml
+from metakd_run.config import Config, Split, Stage, to_yaml
 from metakd_run.evaluate import adaptation_curves, curve_steps, fixed_tasks, gap_closed, paired, summarise
 from metakd_run.meta.maml import MAML
+from metakd_run.seeding import derive_seed
 
 if TYPE_CHECKING:
     from metakd_run.pipeline import Experiment
@@ -54,7 +55,7 @@ def meta_test(
     """Score every model on the same fixed tasks; write every output; return the summary."""
     cfg, ev = exp.cfg, exp.cfg.eval
     test_source = exp.src.test
-    tasks = fixed_tasks(test_source, ev.tasks, ev.seed, ev.batch)
+    tasks = fixed_tasks(test_source, ev.tasks, meta_test_seed(ev.seed, ev.split), ev.batch)
     at = curve_steps(ev.steps, ev.report_steps, ev.every_step)
     models: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -99,6 +100,10 @@ def meta_test(
         "environment": environment(exp.device),
     }
     summary["objective"] = objective_value(summary)
+    if ev.lake_runs:  # Lake et al.'s 20 fixed one-shot runs (metakd_run/lake.py), logged to the tracker
+        from metakd_run.lake import score_lake_runs
+
+        summary["lake_runs"] = score_lake_runs(exp, learners)
     # Wall times and resumption facts vary between identical runs: they stay out of summary.json.
     timings: dict[str, Any] = {
         name: {k: v for k, v in r.items() if k not in TRAINING_KEYS} for name, r in trained.items()
@@ -106,6 +111,12 @@ def meta_test(
     timings["meta_test_seconds"] = seconds
     write_outputs(exp, summary, timings, per_task, learners, tasks)
     return summary
+
+
+def meta_test_seed(seed: int, split: Split) -> int:
+    """The test split's tasks come from ``eval.seed``; another split's from a stream of its own, so
+    that the sinusoid (one task family, no class splits) also has a val split apart from test."""
+    return seed if split == Split.test else derive_seed(seed, f"split/{split}")
 
 
 def primary_metric(task: str) -> tuple[str, bool]:
@@ -184,6 +195,8 @@ def key_hparams(cfg: Config) -> dict[str, Any]:
         "teacher": cfg.teacher.describe(),
         "student": cfg.student.describe(),
         "meta": meta.name,
+        "meta.teacher_family": str(meta.family_of("teacher")),
+        "meta.student_family": str(meta.family_of("student")),
         "meta.inner_lr": meta.inner_lr,
         "meta.inner_steps": meta.inner_steps,
         "meta.first_order": meta.first_order,
@@ -199,6 +212,8 @@ def key_hparams(cfg: Config) -> dict[str, Any]:
         "kd.taps": "auto" if kd.taps is None else ",".join(kd.taps),
         "kd.source": str(kd.source),
         "kd.transfer": kd.transfer,
+        "kd.inner": kd.inner,
+        "kd.learned": ",".join(k for k in ("weight", "temperature") if getattr(kd, f"learn_{k}")) or "none",
         "train.iterations": cfg.train.iterations,
         "train.student_iterations": cfg.train.stage_iterations(Stage.student_kd),
         "seed": cfg.seed,

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metakd_run.checkpoint import load, load_state, save_atomic
+from metakd_run.config import MetaConfig, OuterSchedule, TrainConfig
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.evaluate import adaptation_curves, mean_ci
 from metakd_run.meta.maml import MAML
@@ -43,14 +44,30 @@ class Interrupted(RuntimeError):
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between meta-iterations."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between meta-iterations.
+
+    In a job of the SLURM launcher (submitit), the requeue signal (SIGUSR2: a time limit or a
+    preemption ahead) is a flag too: the loop saves a checkpoint and stops, then submitit's own
+    handler requeues the job, which resumes from that checkpoint (see metakd_run/slurm.py).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._requeue: tuple[int, Callable[[int, Any], Any]] | None = None
 
     def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        import os
+
+        signals: list[int] = [signal.SIGINT, signal.SIGTERM]
+        if "SUBMITIT_FOLDER" in os.environ:  # a submitit job: submitit is installed
+            from metakd_run.slurm import requeue_handler, requeue_signal
+
+            handler = requeue_handler()
+            if handler is not None:
+                self._requeue = (requeue_signal(), handler)
+                signals.append(self._requeue[0])
+        for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some launchers): no handler
@@ -60,38 +77,38 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self.signum = signum
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if isinstance(exc, Interrupted) and self._requeue is not None and exc.signum == self._requeue[0]:
+            from metakd_run.slurm import hand_over
+
+            reason = hand_over(self._requeue[1], exc.signum, str(exc))  # exits when requeued
+            raise Interrupted(f"{exc}; not requeued: {reason}", exc.signum) from exc
 
 
 @dataclass
 class StageSpec:
-    """Everything one stage needs; built by the pipeline from the config."""
+    """One stage: what it trains and with which step; the budget and rates stay in the config."""
 
     name: str
     module: nn.Module  # all trainable state of the stage (learner, projections)
     learner: MAML  # the learner validated and evaluated
     step: Callable[[TaskBatch], dict[str, float]]
-    source: Any  # training task source
+    sample_tasks: Callable[[int, torch.Generator], TaskBatch]  # (iteration, generator) -> tasks
     val_tasks: list[TaskBatch]
-    iterations: int
-    meta_batch: int
-    outer_lr: float
-    outer_schedule: str  # "constant" or "cosine"
-    outer_lr_min: float
-    transfer: int
+    meta: MetaConfig
+    train: TrainConfig
     task_seed: int
     checkpoint_dir: Path
-    val_every: int
-    log_every: int
-    checkpoint_every: int
     device: torch.device
     dtype: torch.dtype
-    progress: bool = True
-    on_gradients: Callable[[nn.Module], None] | None = None
+    on_gradients: Callable[[nn.Module], None] | None = None  # data-parallel: average across ranks
     is_main: bool = True
-    sample_tasks: Callable[[int], TaskBatch] | None = None  # iteration -> tasks (distributed.py)
+
+    @property
+    def iterations(self) -> int:
+        return self.train.stage_iterations(self.name)
 
 
 def validation_metric(learner: MAML, tasks: list[TaskBatch], device, dtype) -> tuple[str, float, bool]:  # noqa: ANN001
@@ -109,9 +126,9 @@ def outer_scheduler(optimizer: torch.optim.Optimizer, spec: StageSpec) -> Any:
     Annealing (MAML++, Antoniou et al. 2019) lets short CPU budgets settle instead of ending
     on a noisy, full-size step.
     """
-    if spec.outer_schedule == "cosine":
+    if spec.meta.outer_schedule == OuterSchedule.cosine:
         return torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=spec.iterations, eta_min=spec.outer_lr_min
+            optimizer, T_max=spec.iterations, eta_min=spec.meta.outer_lr_min
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
@@ -127,7 +144,7 @@ def final_path(checkpoint_dir: Path, stage: str) -> Path:
 def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
     """Meta-train one stage (resuming from its last checkpoint if there is one)."""
     params = [p for p in spec.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=spec.outer_lr)
+    optimizer = torch.optim.Adam(params, lr=spec.meta.outer_lr)
     scheduler = outer_scheduler(optimizer, spec)
     generator = torch.Generator().manual_seed(spec.task_seed)
     start, best, best_state, elapsed, val_elapsed = 0, None, None, 0.0, 0.0
@@ -168,17 +185,14 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         total=spec.iterations,
         initial=start,
         desc=spec.name,
-        disable=not (spec.progress and spec.is_main),
+        disable=not (spec.train.progress and spec.is_main),
         dynamic_ncols=True,
         leave=True,
     )
     tic = time.perf_counter()
     metric_name = "metric"
     for it in range(start, spec.iterations):
-        if spec.sample_tasks is not None:  # data-parallel: this process's shard of iteration `it`
-            batch = spec.sample_tasks(it).to(spec.device, spec.dtype)
-        else:
-            batch = spec.source.sample(spec.meta_batch, generator, spec.transfer).to(spec.device, spec.dtype)
+        batch = spec.sample_tasks(it, generator).to(spec.device, spec.dtype)
         optimizer.zero_grad(set_to_none=True)
         metrics = spec.step(batch)
         if not math.isfinite(metrics["loss"]):
@@ -193,11 +207,11 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         optimizer.step()
         scheduler.step()
         done = it + 1
-        if spec.is_main and (done % spec.log_every == 0 or done == spec.iterations):
+        if spec.is_main and (done % spec.train.log_every == 0 or done == spec.iterations):
             tracker.scalars(f"{spec.name}/train", {**metrics, "outer_lr": lr}, done)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         bar.update(1)
-        if done % spec.val_every == 0 or done == spec.iterations:
+        if done % spec.train.val_every == 0 or done == spec.iterations:
             val_tic = time.perf_counter()
             metric_name, value, higher = validation_metric(
                 spec.learner, spec.val_tasks, spec.device, spec.dtype
@@ -209,7 +223,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
             if best is None or (value > best if higher else value < best):
                 best, best_state = value, copy.deepcopy(spec.module.state_dict())
         stopping = stop.signum is not None
-        if spec.is_main and (done % spec.checkpoint_every == 0 or stopping) and done < spec.iterations:
+        if spec.is_main and (done % spec.train.checkpoint_every == 0 or stopping) and done < spec.iterations:
             elapsed += time.perf_counter() - tic
             tic = time.perf_counter()
             path = save_last(done)
@@ -234,7 +248,9 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         "validation_seconds": val_elapsed,
         "iterations": spec.iterations,
         # meta-training throughput: tasks per second of training proper, validation left out
-        "tasks_per_second": spec.meta_batch * spec.iterations / train_seconds if train_seconds > 0 else 0.0,
+        "tasks_per_second": (spec.meta.meta_batch * spec.iterations / train_seconds)
+        if train_seconds > 0
+        else 0.0,
         "resumed_at": start,
         "iterations_run": done_iters,
     }

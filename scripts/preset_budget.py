@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("teacher", "student_kd", "student_base")
 

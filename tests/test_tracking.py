@@ -1,0 +1,180 @@
+"""Tracking backends: TensorBoard stays the default; MLflow logs the same things to a real
+``mlflow server`` (started on 127.0.0.1 for this module) or to a local store in the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from metakd_run.config import ConfigError  # noqa: E402
+from metakd_run.tracking import MLflowBackend, TensorBoardBackend, Tracker  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on a free port of 127.0.0.1 (bounded wait), stopped with its workers at the end."""
+    pytest.importorskip("mlflow", reason="logger=mlflow needs pip install '.[mlflow]'")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = (root / "server.log").open("w")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", str(root / "store"), "--artifacts-destination", str(root / "artifacts"),
+           "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not come up: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.25)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        log.close()
+
+
+def _log_a_run(tracker: Tracker) -> None:
+    """What the pipeline logs: training scalars, validation, the config, figures, hparams + final metrics."""
+    tracker.scalars("teacher/train", {"loss": 1.5, "outer_lr": 0.001}, 3)
+    tracker.scalars("teacher/train", {"loss": 1.0, "outer_lr": 0.0005}, 6)
+    tracker.scalars("teacher/val", {"mse": 0.9}, 6)
+    tracker.text("config", "```yaml\nseed: 0\n```")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    tracker.figure("eval/test_tasks", fig)
+    plt.close(fig)
+    tracker.hparams(
+        {"meta.inner_lr": 0.01, "teacher": "mlp-40-40", "eval.report_steps": [0, 1], "kd.taps": None},
+        {"final/teacher/mse_step_1": 0.5},
+    )
+
+
+def _run_id(run_dir: Path) -> str:
+    return (run_dir / "mlflow_run.txt").read_text().split()[1]
+
+
+def test_mlflow_server_gets_scalars_params_final_metrics_and_figures(mlflow_server: str, tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "multirun" / "3"
+    logger = {"backend": "mlflow", "tracking_uri": mlflow_server, "experiment_name": "metakd-test"}
+    tracker = Tracker(run_dir, logger=logger)
+    assert isinstance(tracker.backend, MLflowBackend)
+    _log_a_run(tracker)
+    tracker.close()
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(_run_id(run_dir))
+    assert run.info.status == "FINISHED" and run.info.run_name == "multirun/3"
+    assert client.get_experiment(run.info.experiment_id).name == "metakd-test"
+    assert run.data.params["meta.inner_lr"] == "0.01" and run.data.params["eval.report_steps"] == "[0, 1]"
+    assert run.data.params["kd.taps"] == "None"
+    assert run.data.metrics["final/teacher/mse_step_1"] == 0.5
+    history = client.get_metric_history(run.info.run_id, "teacher/train/loss")
+    assert [(m.step, m.value) for m in history] == [(3, 1.5), (6, 1.0)]
+    assert client.get_metric_history(run.info.run_id, "teacher/val/mse")[0].step == 6
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.md", "figures"} <= artifacts
+    figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+    assert figures == ["figures/eval_test_tasks.png"]
+    local = Path(client.download_artifacts(run.info.run_id, "figures/eval_test_tasks.png", str(tmp_path)))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a resumed run (train.resume=, a requeued SLURM job) logs on into the same MLflow run
+    again = Tracker(run_dir, logger=logger)
+    again.scalars("teacher/train", {"loss": 0.5, "outer_lr": 0.0001}, 9)
+    _log_a_run(again)  # the same params again: logged once, no conflict
+    again.close()
+    assert _run_id(run_dir) == run.info.run_id
+    history = client.get_metric_history(run.info.run_id, "teacher/train/loss")
+    assert sorted(m.step for m in history) == [3, 3, 6, 6, 9]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_mlflow_without_a_server_keeps_a_store_in_the_run_folder(tmp_path: Path):
+    pytest.importorskip("mlflow", reason="logger=mlflow needs pip install '.[mlflow]'")
+    from mlflow.tracking import MlflowClient
+
+    tracker = Tracker(tmp_path / "run", logger={"backend": "mlflow", "experiment_name": "local"})
+    _log_a_run(tracker)
+    tracker.close()
+    store = tmp_path / "run" / "mlruns"
+    assert store.is_dir()
+    run = MlflowClient(tracking_uri=store.as_uri()).get_run(_run_id(tmp_path / "run"))
+    assert run.data.metrics["teacher/val/mse"] == 0.9 and run.info.status == "FINISHED"
+
+
+def test_tensorboard_stays_the_default_and_none_logs_nothing(tmp_path: Path):
+    tracker = Tracker(tmp_path / "tb")
+    assert isinstance(tracker.backend, TensorBoardBackend)
+    _log_a_run(tracker)
+    tracker.close()
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    off = Tracker(tmp_path / "off", logger={"backend": "none"})
+    _log_a_run(off)
+    off.close()
+    quiet = Tracker(tmp_path / "rank1", enabled=False, logger={"backend": "mlflow"})  # other ranks
+    _log_a_run(quiet)
+    quiet.close()
+    assert not (tmp_path / "off").exists() and not (tmp_path / "rank1").exists()
+
+
+def test_logger_options_and_a_bad_backend():
+    for name, backend in (("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("none", "none")):
+        assert OmegaConf.load(CONFIGS / "logger" / f"{name}.yaml").backend == backend
+    mlflow_cfg = OmegaConf.load(CONFIGS / "logger" / "mlflow.yaml")
+    assert {"tracking_uri", "experiment_name", "run_name"} <= set(mlflow_cfg)
+    with pytest.raises(ConfigError, match="logger.backend='wandb' is invalid"):
+        Tracker("unused", logger={"backend": "wandb"})
+
+
+def test_a_typed_logger_config_picks_the_backend_too(tmp_path: Path):
+    """The typed config hands a dataclass (with an Enum backend) rather than a mapping."""
+
+    class Kind(enum.Enum):
+        none = "none"
+        tensorboard = "tensorboard"
+
+    @dataclasses.dataclass
+    class LoggerConfig:
+        backend: Kind = Kind.tensorboard
+        tracking_uri: str | None = None
+
+    assert isinstance(Tracker(tmp_path / "a", logger=LoggerConfig()).backend, TensorBoardBackend)
+    assert Tracker(tmp_path / "b", logger=LoggerConfig(Kind.none)).backend is None
