@@ -1,38 +1,45 @@
 """Meta-training speed: our strategies against the per-task autograd loop the older libraries use.
 
-For each shape it first checks that every strategy gives the reference meta-gradient, then times
-meta-iterations per second (median of ``--repeats`` timed runs after warm-up) for second and first
-order at each thread count, and reports peak memory (each measurement runs in a fresh process and
-reads its peak RSS on the CPU, or ``max_memory_allocated`` on CUDA). It also times the distillation
-step, the episode sampler, and the cost as meta-batch size and inner steps grow. Results go to
-``<out>/benchmark.json`` and ``<out>/benchmark.md``.
+For each shape it first checks that every strategy gives the reference meta-gradient (float64),
+then times second- and first-order meta-steps of the reference, every strategy and ``auto``'s
+choice (and the distillation step) in ONE process, taking turns: round 1 runs A B C, round 2
+C B A, and so on. Each strategy's speed-up is the ratio to the reference within each round,
+reported as the median and the spread over the rounds, so drift of a shared machine hits both
+sides of a ratio alike. Per row it also reports the dense FLOP rate (``FlopCounterMode`` on one
+step, against a large fp32 matmul on the same device and threads) and the step's peak memory
+(``max_memory_allocated`` on CUDA; on the CPU, the profiler's allocator events). It also times the
+episode sampler and, with ``--scaling``, the cost as meta-batch size and inner steps grow.
+Results go to ``<out>/benchmark.json`` and ``<out>/benchmark.md``.
 
-    python scripts/benchmark.py                        # everything (long on a 2-core CPU)
-    python scripts/benchmark.py --shapes sinusoid --threads 1 --repeats 5
-    python scripts/benchmark.py --device cuda --threads 0 --shapes omniglot_5w1s miniimagenet_5w1s
+    python scripts/benchmark.py --shapes sinusoid --threads 1
+    python scripts/benchmark.py --shapes omniglot_5w1s --threads 2 --no-distill
+    python scripts/benchmark.py --device cuda --threads 0 --repeats 3 --no-distill
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
+import math
+import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.func import functional_call
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from metakd_run.config import MetaConfig
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.distill.losses import Distiller
 from metakd_run.distill.mkd import MetaDistillation
 from metakd_run.meta.maml import MAML
+from metakd_run.meta.strategies import resolve_batching
 from metakd_run.models import feature_shapes
 from metakd_run.models.conv4 import Conv4
 from metakd_run.models.mlp import MLP
@@ -158,46 +165,180 @@ def step_fn(
     return run_kd, student_model
 
 
-def measure(job: dict) -> dict:
-    """Runs in a fresh process: set threads, warm up, time, and read the peak memory."""
-    torch.set_num_threads(job["threads"]) if job["threads"] > 0 else None
-    shape = SHAPES[job["shape"]]
-    device = job["device"]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run, _ = step_fn(
-        shape,
-        job["strategy"],
-        job["first_order"],
-        device,
-        job.get("distill", False),
-        job.get("meta_batch"),
-        job.get("inner_steps"),
-    )
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(job["warmup"]):
-        run()
-    sync()
-    times = []
-    for _ in range(job["repeats"]):
-        tic = time.perf_counter()
-        run()
+@dataclass
+class Candidate:
+    """One row of a timing table: a zero-argument meta-step and what it is."""
+
+    label: str  # "reference", "loop", "batched (auto)", "distill (batched)"
+    strategy: str
+    run: Callable[[], None]
+    distill: bool = False
+
+
+def build_candidates(
+    shape: Shape,
+    strategies: list[str],
+    first_order: bool,
+    device: str,
+    distill: bool,
+    meta_batch: int | None = None,
+    inner_steps: int | None = None,
+) -> list[Candidate]:
+    """The reference, each strategy (``auto``'s choice marked, added if not listed), and the KD step."""
+    auto = resolve_batching("auto", make_model(shape, 1).to(device))
+    cands = [Candidate("reference", "reference", step_fn(shape, "reference", first_order, device)[0])]
+    for strategy in dict.fromkeys([*strategies, auto]):
+        try:
+            run, _ = step_fn(shape, strategy, first_order, device, False, meta_batch, inner_steps)
+        except ValueError:  # batched without batched_forward
+            continue
+        cands.append(Candidate(strategy + (" (auto)" if strategy == auto else ""), strategy, run))
+    if meta_batch is not None or inner_steps is not None:
+        ref_run, _ = step_fn(shape, "reference", first_order, device, False, meta_batch, inner_steps)
+        cands[0] = Candidate("reference", "reference", ref_run)
+    if distill:
+        run, _ = step_fn(shape, auto, first_order, device, True)
+        cands.append(Candidate(f"distill ({auto})", auto, run, distill=True))
+    return cands
+
+
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def interleave(cands: list[Candidate], rounds: int, warmup: int, min_time: float, device: str) -> dict:
+    """Seconds per meta-step of every candidate, ``rounds`` times, candidates taking turns.
+
+    Round ``r`` runs A B C ..., round ``r+1`` ... C B A, so that a machine's drift (other jobs, clock
+    changes) hits every candidate alike and the ratio of two samples of one round is fair. A sample
+    runs a candidate ``k`` times in a row, ``k`` chosen so that a sample lasts at least ``min_time``
+    (timer resolution and per-call noise matter for the 1-10 ms sinusoid steps).
+    """
+    sync = _sync(device)
+    reps = {}
+    for c in cands:
+        for _ in range(warmup):
+            c.run()
         sync()
-        times.append(time.perf_counter() - tic)
-    sec = statistics.median(times)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.startswith("cuda")
-        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        tic = time.perf_counter()
+        c.run()
+        sync()
+        reps[c.label] = max(1, math.ceil(min_time / max(time.perf_counter() - tic, 1e-6)))
+    times: dict[str, list[float]] = {c.label: [] for c in cands}
+    for r in range(rounds):
+        for c in cands if r % 2 == 0 else cands[::-1]:
+            k = reps[c.label]
+            tic = time.perf_counter()
+            for _ in range(k):
+                c.run()
+            sync()
+            times[c.label].append((time.perf_counter() - tic) / k)
+    return times
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles and range of a list of samples."""
+    q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": med, "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
+
+
+def flops_of(run: Callable[[], None]) -> int | None:
+    """Floating-point operations of one meta-step, as ``FlopCounterMode`` counts them.
+
+    It counts matrix products and convolutions (forward, backward and double backward), not the
+    elementwise ops, so GFLOP/s below is the rate of the dense arithmetic.
+    """
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run()
+    except Exception:  # noqa: BLE001 - a transform the counter cannot see through: report none
+        return None
+    return int(counter.get_total_flops())
+
+
+def peak_memory_mb(run: Callable[[], None], device: str) -> float:
+    """Peak memory one meta-step allocates beyond what was held before it, in MB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` over the step. CPU: the allocation and free events that
+    ``torch.profiler`` records for the CPU allocator (``profile_memory=True``), summed in time
+    order; the largest running total is the step's peak (parameters, data and the optimiser state
+    held before the step are not counted; short steps are measured as well as long ones, unlike
+    the peak RSS of a process).
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        run()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     )
-    return {**job, "seconds": sec, "iters_per_s": 1.0 / sec, "peak_mb": round(peak, 1)}
+    total = peak = 0
+    for _, nbytes in events:
+        total += nbytes
+        peak = max(peak, total)
+    return peak / 2**20
 
 
-def run_isolated(job: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(measure, (job,))
+def matmul_peak_gflops(device: str, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's dense fp32 rate at the current thread count: the best of a few n x n products."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    sync = _sync(device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync()
+        tic = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - tic)
+    return 2 * n**3 / best / 1e9
+
+
+def measure_order(shape: Shape, order: str, args: argparse.Namespace, peak: float) -> list[dict]:
+    """Interleaved timings, pairwise ratios, FLOP rate and peak memory of every candidate of one order."""
+    first_order = order == "first"
+    cands = build_candidates(shape, args.strategies, first_order, args.device, not args.no_distill)
+    rounds = args.repeats or DEFAULT_ROUNDS[shape.kind]
+    times = interleave(cands, rounds, args.warmup, args.min_time, args.device)
+    ref = times["reference"]
+    rows = []
+    for c in cands:
+        t = times[c.label]
+        flops = flops_of(c.run)
+        sec = statistics.median(t)
+        row = {
+            "shape": shape.name,
+            "order": order,
+            "label": c.label,
+            "strategy": c.strategy,
+            "distill": c.distill,
+            "rounds": rounds,
+            "seconds": sec,
+            "iters_per_s": 1.0 / sec,
+            "ratio": None if c.distill else spread([a / b for a, b in zip(ref, t)]),
+            "gflops": None if flops is None else flops / sec / 1e9,
+            "peak_fraction": None if flops is None else flops / sec / 1e9 / peak,
+            "peak_mb": peak_memory_mb(c.run, args.device),
+        }
+        rows.append(row)
+        ratio = row["ratio"]
+        print(
+            f"   {order:6s} {c.label:22s} {row['iters_per_s']:9.3f} it/s"
+            + (f"  x{ratio['median']:.2f} [{ratio['q1']:.2f}-{ratio['q3']:.2f}]" if ratio else "")
+            + (f"  {row['gflops']:.1f} GFLOP/s" if row["gflops"] is not None else "")
+            + f"  {row['peak_mb']:.1f} MB",
+            flush=True,
+        )
+    return rows
 
 
 def check_gradients(shape: Shape, strategies: list[str], device: str) -> dict[str, float]:
@@ -257,118 +398,108 @@ def sampling_ratio(shape: Shape, iteration_s: float) -> dict:
     return {"sample_s": s, "fraction_of_iteration": s / iteration_s}
 
 
+DEFAULT_ROUNDS = {"regression": 30, "classification": 7}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--strategies", nargs="+", default=["vmap", "loop", "batched"])
     ap.add_argument("--orders", nargs="+", default=["second", "first"], choices=["second", "first"])
-    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="0: PyTorch's default")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0: PyTorch's default")
+    ap.add_argument(
+        "--repeats", type=int, default=0, help="interleaved rounds (0: 30 for the sinusoid, 7 for images)"
+    )
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-time", type=float, default=0.2, help="seconds per timed sample (at least)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument("--no-check", action="store_true", help="skip the float64 meta-gradient check")
     ap.add_argument(
-        "--scaling", nargs="*", default=["sinusoid"], help="shapes for the meta-batch/steps tables"
+        "--scaling", nargs="*", default=[], help="shapes for the meta-batch/inner-steps tables (slow)"
     )
     ap.add_argument("--out", default="benchmark_results")
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"device": args.device, "torch": torch.__version__, "shapes": {}}
-    if args.device == "cpu":
+    if args.device.startswith("cuda"):
+        machine = torch.cuda.get_device_name(args.device)
+    else:
         import platform
 
-        results["machine"] = f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores"
-    else:
-        results["machine"] = torch.cuda.get_device_name(args.device)
-    md = [f"# Meta-training benchmark ({results['machine']}, torch {torch.__version__})", ""]
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    peak = matmul_peak_gflops(args.device, n=8192 if args.device.startswith("cuda") else 2048)
+    results: dict = {
+        "device": args.device,
+        "machine": machine,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": peak,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "shapes": {},
+    }
+    print(
+        f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} thread(s): "
+        f"fp32 matmul peak {peak:.1f} GFLOP/s",
+        flush=True,
+    )
+    md = [
+        f"# Meta-training benchmark ({machine}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"thread(s); fp32 matmul peak {peak:.1f} GFLOP/s)",
+        "",
+    ]
     for name in args.shapes:
         shape = SHAPES[name]
-        print(f"== {name}: checking meta-gradients", flush=True)
-        grads = check_gradients(shape, args.strategies, args.device)
-        bad = {k: v for k, v in grads.items() if v > 1e-8}
-        if bad:
-            sys.exit(f"{name}: meta-gradients differ from the reference: {bad}")
-        rows = []
-        for threads in args.threads:
-            for order in args.orders:
-                base = {
-                    "shape": name,
-                    "device": args.device,
-                    "threads": threads,
-                    "first_order": order == "first",
-                    "repeats": args.repeats,
-                    "warmup": args.warmup,
-                }
-                ref = run_isolated({**base, "strategy": "reference"})
-                print(f"   {threads} thr {order:6s} reference {ref['iters_per_s']:.3f} it/s", flush=True)
-                for strategy in args.strategies:
-                    try:
-                        r = run_isolated({**base, "strategy": strategy})
-                    except ValueError:
-                        continue
-                    r["ratio"] = r["iters_per_s"] / ref["iters_per_s"]
-                    r["memory_ratio"] = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else None
-                    rows.append(r)
-                    print(
-                        f"   {threads} thr {order:6s} {strategy:9s} {r['iters_per_s']:.3f} it/s "
-                        f"= {r['ratio']:.2f}x, peak {r['peak_mb']} MB (ref {ref['peak_mb']} MB)",
-                        flush=True,
-                    )
-                rows.append({**ref, "ratio": 1.0, "memory_ratio": 1.0})
-                if not args.no_distill:
-                    best = max(
-                        (
-                            r
-                            for r in rows
-                            if r["threads"] == threads
-                            and r["first_order"] == (order == "first")
-                            and r["strategy"] != "reference"
-                        ),
-                        key=lambda r: r["iters_per_s"],
-                    )
-                    kd = run_isolated({**base, "strategy": best["strategy"], "distill": True})
-                    kd["distill"] = True
-                    rows.append(kd)
-                    print(
-                        f"   {threads} thr {order:6s} distill ({best['strategy']}) "
-                        f"{kd['iters_per_s']:.3f} it/s",
-                        flush=True,
-                    )
-        fastest = max(
-            (r for r in rows if r["strategy"] != "reference" and not r.get("distill")),
-            key=lambda r: r["iters_per_s"],
+        entry: dict = {}
+        if not args.no_check:
+            print(f"== {name}: checking meta-gradients", flush=True)
+            grads = check_gradients(shape, args.strategies, args.device)
+            bad = {k: v for k, v in grads.items() if v > 1e-8}
+            if bad:
+                sys.exit(f"{name}: meta-gradients differ from the reference: {bad}")
+            entry["gradient_check"] = grads
+        print(f"== {name}: timing, strategies interleaved", flush=True)
+        rows = [r for order in args.orders for r in measure_order(shape, order, args, peak)]
+        entry["rows"] = rows
+        fastest = min(
+            (r for r in rows if r["strategy"] != "reference" and not r["distill"]), key=lambda r: r["seconds"]
         )
-        entry = {"gradient_check": grads, "rows": rows, "sampling": sampling_ratio(shape, fastest["seconds"])}
+        entry["sampling"] = sampling_ratio(shape, fastest["seconds"])
         if name in args.scaling:
-            entry["scaling"] = scaling(shape, fastest["strategy"], args)
+            entry["scaling"] = scaling(shape, args)
         results["shapes"][name] = entry
         md += markdown(name, shape, entry)
         (out / "benchmark.json").write_text(json.dumps(results, indent=2))
         (out / "benchmark.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
     print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
 
 
-def scaling(shape: Shape, strategy: str, args: argparse.Namespace) -> dict:
-    base = {
-        "shape": shape.name,
-        "device": args.device,
-        "threads": args.threads[0],
-        "first_order": False,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-    }
-    table: dict = {"meta_batch": {}, "inner_steps": {}}
-    for mb in (1, 4, 16, 64):
-        for strat in (strategy, "reference"):
-            r = run_isolated({**base, "strategy": strat, "meta_batch": mb})
-            table["meta_batch"].setdefault(mb, {})[strat] = r["seconds"]
-    for steps in (1, 2, 5, 10):
-        for strat in (strategy, "reference"):
-            r = run_isolated({**base, "strategy": strat, "inner_steps": steps})
-            table["inner_steps"].setdefault(steps, {})[strat] = r["seconds"]
-    table["strategy"] = strategy
+def scaling(shape: Shape, args: argparse.Namespace) -> dict:
+    """Seconds per second-order meta-step of ``auto``'s strategy and the reference, interleaved."""
+    auto = resolve_batching("auto", make_model(shape, 1).to(args.device))
+    rounds = max(3, (args.repeats or DEFAULT_ROUNDS[shape.kind]) // 3)
+    table: dict = {"strategy": auto, "meta_batch": {}, "inner_steps": {}}
+    for key, values in (("meta_batch", (1, 4, 16, 64)), ("inner_steps", (1, 2, 5, 10))):
+        for v in values:
+            size = {key: v}
+            cands = [
+                Candidate(s, s, step_fn(shape, s, False, args.device, False, **size)[0])
+                for s in (auto, "reference")
+            ]
+            times = interleave(cands, rounds, 1, args.min_time, args.device)
+            table[key][v] = {s: statistics.median(t) for s, t in times.items()}
     return table
+
+
+def _fmt_ratio(r: dict | None) -> tuple[str, str]:
+    if r is None:
+        return "–", "–"
+    return f"{r['median']:.2f}", f"{r['q1']:.2f}–{r['q3']:.2f} ({r['min']:.2f}–{r['max']:.2f})"
 
 
 def markdown(name: str, shape: Shape, entry: dict) -> list[str]:
@@ -376,43 +507,47 @@ def markdown(name: str, shape: Shape, entry: dict) -> list[str]:
         f"## {name}",
         "",
         f"meta-batch {shape.meta_batch}, {shape.inner_steps} inner step(s), width {shape.width}; "
-        f"meta-gradient check (max abs diff vs reference, float64): "
-        + ", ".join(f"{k} {v:.1e}" for k, v in entry["gradient_check"].items()),
+        f"{entry['rows'][0]['rounds']} interleaved rounds.",
         "",
-        "| threads | order | strategy | meta-it/s | × reference | peak MB | × reference memory |",
-        "|---|---|---|---|---|---|---|",
+    ]
+    if "gradient_check" in entry:
+        lines += [
+            "meta-gradient check (max abs diff vs reference, float64): "
+            + ", ".join(f"{k} {v:.1e}" for k, v in entry["gradient_check"].items()),
+            "",
+        ]
+    lines += [
+        "| order | strategy | meta-it/s | × reference (median) | IQR (min–max) | GFLOP/s | % of matmul peak "
+        "| peak MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in entry["rows"]:
-        label = f"distill ({r['strategy']})" if r.get("distill") else r["strategy"]
-        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "–"
-        mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "–"
+        ratio, spread_ = _fmt_ratio(r["ratio"])
+        gf = "–" if r["gflops"] is None else f"{r['gflops']:.2f}"
+        pf = "–" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}"
         lines.append(
-            f"| {r['threads']} | {'first' if r['first_order'] else 'second'} | {label} | "
-            f"{r['iters_per_s']:.3f} | {ratio} | {r['peak_mb']} | {mem} |"
+            f"| {r['order']} | {r['label']} | {r['iters_per_s']:.3f} | {ratio} | {spread_} | {gf} | {pf} | "
+            f"{r['peak_mb']:.1f} |"
         )
     s = entry["sampling"]
     lines += [
         "",
         f"episode sampling: {s['sample_s'] * 1000:.2f} ms per meta-batch = "
-        f"{100 * s['fraction_of_iteration']:.2f}% of a meta-iteration",
+        f"{100 * s['fraction_of_iteration']:.2f}% of a meta-iteration of the fastest strategy",
         "",
     ]
     if "scaling" in entry:
         sc = entry["scaling"]
-        lines += [
-            f"cost in seconds per meta-iteration ({sc['strategy']} vs reference, second order):",
-            "",
-            "| meta-batch | ours | reference |",
-            "|---|---|---|",
-        ]
-        lines += [
-            f"| {k} | {v[sc['strategy']]:.4f} | {v['reference']:.4f} |" for k, v in sc["meta_batch"].items()
-        ]
-        lines += ["", "| inner steps | ours | reference |", "|---|---|---|"]
-        lines += [
-            f"| {k} | {v[sc['strategy']]:.4f} | {v['reference']:.4f} |" for k, v in sc["inner_steps"].items()
-        ]
-        lines.append("")
+        for key in ("meta_batch", "inner_steps"):
+            lines += [
+                f"seconds per second-order meta-iteration against {key.replace('_', ' ')} "
+                f"({sc['strategy']} vs reference, interleaved):",
+                "",
+                f"| {key.replace('_', ' ')} | {sc['strategy']} | reference |",
+                "|---|---|---|",
+            ]
+            lines += [f"| {k} | {v[sc['strategy']]:.4f} | {v['reference']:.4f} |" for k, v in sc[key].items()]
+            lines.append("")
     return lines
 
 

@@ -90,7 +90,9 @@ def test_zero_weight_gives_the_plain_maml_meta_gradient(batching: str) -> None:
     MetaDistillation(teacher, student, _distiller(teacher, student), weight=0.0).meta_backward(batch)
     distilled = [p.grad for p in student.model.parameters()]
     for a, b in zip(plain, distilled):
-        assert torch.equal(a, b)  # 0 x distance adds exact zeros
+        # 0 x distance adds exact zeros; the plain MLP step (batched) takes the closed-form
+        # meta-gradient, the distillation step autograd: equal up to rounding
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
 # --- (3) the teacher stays frozen ------------------------------------------------------------------------

@@ -1,6 +1,12 @@
-"""The batched meta-gradient against an independent per-task loop with torch.autograd.grad."""
+"""The batched meta-gradient against an independent per-task loop with torch.autograd.grad.
+
+``METAKD_TEST_DEVICE=cuda`` adds a CUDA case to the tests that take ``device`` (skipped where torch
+sees no GPU); ``scripts/gpu_check.py`` runs them that way.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -10,6 +16,15 @@ from metakd_run.config import MetaConfig
 from metakd_run.data.sinusoid import SinusoidTasks
 from metakd_run.meta.maml import MAML
 from metakd_run.models.mlp import MLP
+
+DEVICES = ["cpu"]
+if os.environ.get("METAKD_TEST_DEVICE", "cpu").startswith("cuda"):
+    DEVICES.append(
+        pytest.param(
+            os.environ["METAKD_TEST_DEVICE"],
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device"),
+        )
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,12 +65,14 @@ def batch():
     return SinusoidTasks(shots=5, queries=7).sample(6, g).to("cpu", torch.float64)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batching", ["vmap", "loop", "batched"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_meta_gradient_matches_per_task_loop(batch, batching, first_order, steps):
+def test_meta_gradient_matches_per_task_loop(batch, batching, first_order, steps, device):
     torch.manual_seed(1)
-    model = MLP(1, 1, [16, 12]).double()
+    model = MLP(1, 1, [16, 12]).double().to(device)
+    batch = batch.to(device)
     cfg = MetaConfig(inner_lr=0.05, inner_steps=steps, first_order=first_order, batching=batching)
     maml = MAML(model, "regression", cfg)
     metrics = maml.meta_backward(batch)
@@ -80,10 +97,12 @@ def test_second_order_differs_from_first_order(batch):
     assert float((grads[False] - grads[True]).abs().max()) > 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batching", ["vmap", "loop", "batched"])
-def test_meta_sgd_learned_rates_get_the_right_gradient(batch, batching):
+def test_meta_sgd_learned_rates_get_the_right_gradient(batch, batching, device):
     torch.manual_seed(2)
-    model = MLP(1, 1, [8]).double()
+    model = MLP(1, 1, [8]).double().to(device)
+    batch = batch.to(device)
     cfg = MetaConfig(inner_lr=0.05, inner_steps=2, learn_inner_lr=True, batching=batching)
     maml = MAML(model, "regression", cfg)
     for r in maml.inner_lrs.values():  # make the rates differ per entry
@@ -193,15 +212,14 @@ def _conv_reference_loss(model, params: dict, batch, lr: float, steps: int) -> t
     return total / batch.num_tasks
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batching", ["vmap", "loop", "batched"])
-def test_conv4_second_order_meta_gradient_matches_loop_and_finite_differences(batching):
+def test_conv4_second_order_meta_gradient_matches_loop_and_finite_differences(batching, device):
     from metakd_run.models.conv4 import Conv4
 
     torch.manual_seed(12)
-    model = Conv4((1, 12, 12), 3, filters=4, blocks=2).double()
-    if batching == "batched" and not hasattr(model, "batched_forward"):
-        pytest.skip("Conv4 has no batched_forward")
-    batch = _conv_batch()
+    model = Conv4((1, 12, 12), 3, filters=4, blocks=2).double().to(device)
+    batch = _conv_batch().to(device)
     maml = MAML(model, "classification", MetaConfig(inner_lr=0.3, inner_steps=2, batching=batching))
     maml.meta_backward(batch)
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -255,3 +273,88 @@ def test_meta_config_is_read_by_attribute_in_every_form():
     assert MAML(model, "regression", MetaConfig()).batching == "batched"  # auto, for an MLP
     with pytest.raises(ValueError, match="meta.batching"):
         MAML(model, "regression", MetaConfig(batching="grouped"))
+
+
+# --- the closed-form MLP path, the first-order conv path, and auto's choice by device --------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("first_order", "learn_lr", "anil"),
+    [(False, False, False), (False, True, False), (True, True, False), (False, False, True)],
+)
+def test_mlp_classification_closed_form_matches_autograd_loop(device, first_order, learn_lr, anil):
+    """Cross-entropy's closed-form gradient and Hessian-vector product (``batched``) against the loop."""
+    torch.manual_seed(8)
+    g = torch.Generator().manual_seed(8)
+    from metakd_run.data.tasks import TaskBatch
+
+    batch = TaskBatch(
+        torch.randn(4, 6, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4, 6), generator=g),
+        torch.randn(4, 5, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (4, 5), generator=g),
+    ).to(device)
+    grads = []
+    for batching in ("batched", "loop"):
+        torch.manual_seed(9)
+        model = MLP(3, 3, [7, 5]).double().to(device)
+        cfg = MetaConfig(
+            inner_lr=0.5,
+            inner_steps=2,
+            first_order=first_order,
+            learn_inner_lr=learn_lr,
+            anil=anil,
+            batching=batching,
+        )
+        maml = MAML(model, "classification", cfg)
+        if learn_lr:
+            for r in maml.inner_lrs.values():
+                r.data.uniform_(0.1, 0.9, generator=torch.Generator(device=r.device).manual_seed(3))
+        metrics = maml.meta_backward(batch)
+        grads.append((torch.cat([p.grad.flatten() for p in maml.parameters()]), metrics))
+    (ours, m_ours), (ref, m_ref) = grads
+    assert float((ours - ref).abs().max()) <= 1e-10
+    assert float(ref.abs().max()) > 1e-3
+    assert abs(m_ours["accuracy"] - m_ref["accuracy"]) < 1e-12 and abs(m_ours["loss"] - m_ref["loss"]) < 1e-10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batching", ["loop", "batched", "vmap"])
+def test_conv4_first_order_meta_gradient_matches_loop(batching, device):
+    from metakd_run.models.conv4 import Conv4
+
+    torch.manual_seed(14)
+    model = Conv4((1, 12, 12), 3, filters=4, blocks=2).double().to(device)
+    batch = _conv_batch().to(device)
+    maml = MAML(
+        model, "classification", MetaConfig(inner_lr=0.3, inner_steps=2, first_order=True, batching=batching)
+    )
+    maml.meta_backward(batch)
+    params = dict(model.named_parameters())
+    total = 0.0
+    for t in range(batch.num_tasks):
+        fast = dict(params)
+        for _ in range(2):
+            out, _ = torch.func.functional_call(model, fast, (batch.support_x[t],))
+            grads = torch.autograd.grad(F.cross_entropy(out, batch.support_y[t]), list(fast.values()))
+            fast = {n: p - 0.3 * g for (n, p), g in zip(fast.items(), grads)}
+        out, _ = torch.func.functional_call(model, fast, (batch.query_x[t],))
+        total = total + F.cross_entropy(out, batch.query_y[t])
+    ref = torch.autograd.grad(total / batch.num_tasks, list(params.values()))
+    for (name, p), r in zip(params.items(), ref):
+        assert float((p.grad - r).abs().max()) <= 1e-10, name
+
+
+def test_auto_chooses_by_model_and_device():
+    from metakd_run.meta.strategies import resolve_batching
+    from metakd_run.models.conv4 import Conv4
+
+    conv, mlp = Conv4((1, 12, 12), 3, filters=2, blocks=2), MLP(1, 1, [4])
+    assert resolve_batching("auto", conv) == "loop"  # parameters on the CPU
+    assert resolve_batching("auto", conv, "cuda") == "vmap"
+    assert resolve_batching("auto", conv, torch.device("cuda", 1)) == "vmap"
+    assert resolve_batching("auto", mlp, "cuda") == "batched"
+    assert resolve_batching("loop", conv, "cuda") == "loop"  # an explicit choice is kept
+    maml = MAML(conv, "classification", MetaConfig())
+    assert maml.batching == "loop"
+    if torch.cuda.is_available():  # resolved again once the model has moved
+        assert maml.to("cuda").batching == "vmap"

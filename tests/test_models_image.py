@@ -13,6 +13,7 @@ strategy's second-order meta-gradient through our norm equals the per-task loop.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
@@ -312,12 +313,27 @@ def test_models_never_call_torch_batch_norm(name: str, batching: str) -> None:
     assert _batch_norm_calls(lambda: (maml.meta_backward(batch), maml.adaptation_curve(batch, 1))) == []
 
 
+# METAKD_TEST_DEVICE=cuda adds a CUDA case below (skipped where torch sees no GPU): scripts/gpu_check.py
+DEVICES = ["cpu"]
+if os.environ.get("METAKD_TEST_DEVICE", "cpu").startswith("cuda"):
+    DEVICES.append(
+        pytest.param(
+            os.environ["METAKD_TEST_DEVICE"],
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device"),
+        )
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "batching"), STRATEGY_CASES)
-def test_every_strategy_gets_exact_second_order_batch_norm_gradients(name: str, batching: str) -> None:
+def test_every_strategy_gets_exact_second_order_batch_norm_gradients(
+    name: str, batching: str, device: str
+) -> None:
     maml, params, in_shape = _learner(name, batching)
     batch = _tasks(in_shape, 3)
-    maml.meta_backward(TaskBatch(*batch))
-    ours = {n: p.grad for n, p in maml.model.named_parameters()}
+    maml.to(device).meta_backward(TaskBatch(*batch).to(device))
+    ours = {n: p.grad.cpu() for n, p in maml.model.named_parameters()}
+    maml.to("cpu")
     ref = meta_grad_loop(maml.model, params, batch, LR)
     assert _max_diff(ours, ref) < 1e-10
     assert max(g.abs().max().item() for g in ref.values()) > 1e-4  # not vacuous

@@ -194,8 +194,10 @@ def overrides_of(cmd: Command) -> tuple[list[str], bool]:
     out: list[str] = []
     args = iter(cmd.args)
     for arg in args:
-        if arg in ("-m", "--multirun"):
-            sweep = True
+        if arg in ("-m", "--multirun") or arg.startswith(("study=", "hparams_search=")):
+            sweep = sweep or arg in ("-m", "--multirun") or "=null" not in arg  # presets that set MULTIRUN
+            if arg.startswith(("study=", "hparams_search=")):
+                out.append(_expand_vars(arg, cmd.env))
         elif arg in ("-c", "--cfg", "-p", "--package"):
             next(args, None)
         elif arg in ("--resolve", "--info", "-h", "--help", "--hydra-help"):

@@ -353,7 +353,7 @@ def test_no_study_leaves_the_default_config_alone():
         cfg = compose("config", [], return_hydra_config=True)
         typed = to_typed(compose("config", []))
     assert str(cfg.hydra.mode) != "RunMode.MULTIRUN" and not cfg.hydra.sweeper.params
-    assert typed.study.name is None and typed.train.teacher_cache is None and typed.kd.distance == "cosine"
+    assert typed.study.name is None and typed.train.teacher_cache is None and typed.kd.distance == "sp"
 
 
 # --- end to end ----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from metakd_run.meta.strategies import (
     Rates,
     Strategy,
     accuracy,
+    device_of,
     losses_per_task,
     make_strategy,
     sgd_step,
@@ -65,11 +66,24 @@ class MAML(nn.Module):
             )
         else:
             self.inner_lrs = None
-        self.strategy: Strategy = make_strategy(cfg.batching, cfg.chunk, model, task, self.adapted)
+        # ``auto`` depends on the device, known only once the model has been moved there, so the
+        # strategy is made at first use on each device (and checked now, for a bad choice).
+        make_strategy(cfg.batching, cfg.chunk, model, task, self.adapted)
+        self._strategies: dict[torch.device, Strategy] = {}
+
+    @property
+    def strategy(self) -> Strategy:
+        """How the tasks go through (``meta.batching``), resolved for the model's current device."""
+        device = device_of(self.model)
+        if device not in self._strategies:
+            self._strategies[device] = make_strategy(
+                self.cfg.batching, self.cfg.chunk, self.model, self.task, self.adapted, device
+            )
+        return self._strategies[device]
 
     @property
     def batching(self) -> str:
-        """The strategy in use (``meta.batching``, with ``auto`` resolved for this model)."""
+        """The strategy in use (``meta.batching``, with ``auto`` resolved for this model and device)."""
         return self.strategy.name
 
     @property
@@ -150,7 +164,7 @@ class MAML(nn.Module):
             self.cfg.inner_steps,
             create_graph=not self.cfg.first_order,
         )
-        out, feats = tasks.forward(fast, query_x)
+        out, feats = tasks.forward(fast, query_x, features=objective is not None)
         if objective is None:  # the plain query loss, for all tasks at once
             return self.query_losses(out, batch.query_y)
         return tasks.map(objective, out, feats, batch.query_y, dict(extra))
@@ -169,16 +183,43 @@ class MAML(nn.Module):
         """
         total = batch.num_tasks
 
+        closed_form = (
+            objective is None and query_x is None and getattr(self.strategy, "has_meta_gradient", False)
+        )
+
         def backward_piece(
             part: TaskBatch, part_extra: dict[str, Tensor], part_qx: Tensor
         ) -> dict[str, Tensor]:
-            losses, aux = self.task_losses(part, objective, part_extra, part_qx)
-            (losses.sum() / total).backward()
+            if closed_form:
+                losses, aux = self._closed_form_backward(part, total)
+            else:
+                losses, aux = self.task_losses(part, objective, part_extra, part_qx)
+                (losses.sum() / total).backward()
             return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
 
         qx = batch.query_x if query_x is None else query_x
         metrics = self.strategy.chunked(backward_piece, batch, dict(extra or {}), qx)
         return {k: float(v.mean()) for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def _closed_form_backward(self, batch: TaskBatch, total: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`meta_backward`'s piece through the strategy's closed-form meta-gradient (no autograd).
+
+        Same result as the autograd path (``tests/test_maml_gradients.py`` holds both to a plain
+        per-task loop); the gradients are added to ``.grad`` as ``backward`` would add them.
+        """
+        # under no_grad the live parameters build no graph: no detached copies needed
+        live, lrs = self.params(), self.lrs()
+        grads, lr_grads, out = self.strategy.meta_gradient(
+            live, lrs, batch, self.cfg.inner_steps, self.cfg.first_order, scale=1.0 / total
+        )
+        if self.inner_lrs is not None:
+            live = {**live, **{f"lr:{n}": lrs[n] for n in self.adapted}}
+            grads = {**grads, **{f"lr:{n}": g for n, g in lr_grads.items()}}
+        for n, p in live.items():
+            if p.requires_grad and n in grads:
+                p.grad = grads[n] if p.grad is None else p.grad.add_(grads[n])
+        return self.query_losses(out, batch.query_y)
 
     @torch.no_grad()
     def adapted_outputs(
@@ -213,7 +254,7 @@ class MAML(nn.Module):
             for s in at:
                 fast = tasks.adapt(fast, lrs, part.support_x, part.support_y, s - done, create_graph=False)
                 done = s
-                out, _ = tasks.forward(fast, part.query_x)
+                out, _ = tasks.forward(fast, part.query_x, features=False)
                 rows.append(self.query_losses(out, part.query_y)[1])
             return {k: torch.stack([r[k] for r in rows], dim=1) for k in rows[0]}  # [T, len(at)]
 

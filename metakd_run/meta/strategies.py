@@ -14,7 +14,11 @@ which is fastest depends on the model and the shape (``scripts/benchmark.py`` me
 - ``batched``: every task gets its own view of the parameters (``expand``), the model's
   ``batched_forward`` runs all tasks at once (``bmm`` / grouped convolution), and one plain
   ``torch.autograd.grad`` gives all per-task inner gradients, with far fewer and larger ops than
-  vmap. Needs a model with ``batched_forward``.
+  vmap. Needs a model with ``batched_forward``. A model that also writes its gradients and
+  Hessian-vector products out (``batched_gradients`` / ``batched_hvp``: the ReLU MLP) skips
+  autograd: its inner steps use the closed-form gradient, and the plain MAML objective's
+  meta-gradient is carried back through them by hand (:meth:`BatchedStrategy.meta_gradient`),
+  about 1.8x the autograd-batched step on the sinusoid (the step costs its op count there).
 
 The interface (:class:`Strategy`): ``start`` (every task at the meta-parameters), ``adapt``
 (inner steps of every task, with or without a graph), ``forward`` (every task's outputs and
@@ -32,6 +36,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -154,8 +159,12 @@ class Strategy(ABC, Generic[P]):
         """``steps`` inner steps of every task on its own support set ``x [T, S, ...]``."""
 
     @abstractmethod
-    def forward(self, p: P, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Every task's outputs and features on its own inputs ``x [T, N, ...]``, stacked ``[T, ...]``."""
+    def forward(self, p: P, x: Tensor, features: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every task's outputs and features on its own inputs ``x [T, N, ...]``, stacked ``[T, ...]``.
+
+        ``features=False`` may return no features (``{}``): the loop then skips stacking every
+        feature map of every task, a full copy of the activations that the plain query loss never reads.
+        """
 
     def map(self, fn: Callable[..., R], *args: Any) -> R:
         """``fn`` written for ONE task, applied to every task; args and results lead with ``T``."""
@@ -196,8 +205,11 @@ class LoopStrategy(Strategy[list[Params]]):
 
         return [one_task(pt, xt, yt) for pt, xt, yt in zip(p, x, y)]
 
-    def forward(self, p: list[Params], x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return _stack([self._call(pt, xt) for pt, xt in zip(p, x)])
+    def forward(self, p: list[Params], x: Tensor, features: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        results = [self._call(pt, xt) for pt, xt in zip(p, x)]
+        if not features:
+            return torch.stack([out for out, _ in results]), {}
+        return _stack(results)
 
     def map(self, fn: Callable[..., R], *args: Any) -> R:
         return _stack([fn(*tree_map(lambda a: a[t], args)) for t in range(_num_tasks(args))])
@@ -239,7 +251,7 @@ class VmapStrategy(Strategy[VmapParams]):
         fast = vmap(one_task, in_dims=in_dims, randomness="different")(p.fast, x, y)
         return VmapParams(p.shared, fast, per_task=True)
 
-    def forward(self, p: VmapParams, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, p: VmapParams, x: Tensor, features: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         def one_task(fast: Params, xt: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             return functional_call(self.model, {**p.shared, **fast}, (xt,))
 
@@ -265,15 +277,106 @@ class BatchedStrategy(Strategy[Params]):
         return 4 if _has_conv(model) else 0
 
     def start(self, params: Params, tasks: int) -> Params:
+        if self.closed_form:  # shared until the first step makes them per task (broadcasting)
+            return dict(params)
         return {n: v.unsqueeze(0).expand(tasks, *v.shape) for n, v in params.items()}
 
+    @property
+    def closed_form(self) -> bool:
+        """Whether the model writes its per-task gradients out (``batched_gradients``): MLP with ReLU."""
+        return bool(getattr(self.model, "has_batched_gradients", False))
+
     def adapt(self, p: Params, lrs: Rates, x: Tensor, y: Tensor, steps: int, create_graph: bool) -> Params:
+        if self.closed_form:
+            for _ in range(steps):
+                p = self._closed_form_step(p, lrs, x, y, create_graph)
+            return p
         forward = self.model.batched_forward
         for _ in range(steps):
             p = autograd_step(forward, self._summed_loss, self.adapted, p, lrs, x, y, create_graph)
         return p
 
-    def forward(self, p: Params, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _closed_form_step(self, p: Params, lrs: Rates, x: Tensor, y: Tensor, create_graph: bool) -> Params:
+        """One step with the model's own written-out gradient (``batched_gradients``), no autograd.
+
+        Second order: the gradient is an ordinary expression of ``p``, so the outer backward
+        differentiates through it. First order: computed from detached values, it is a constant.
+        """
+        loss_grad = partial(self._loss_grad, y=y)
+        if create_graph:
+            grads, _ = self.model.batched_gradients(p, x, loss_grad, self.adapted)
+        else:
+            with torch.no_grad():
+                detached = {n: v.detach() for n, v in p.items()}
+                grads, _ = self.model.batched_gradients(detached, x, loss_grad, self.adapted)
+        return {**p, **{n: _sgd(p[n], lrs[n], grads[n]) for n in self.adapted}}
+
+    def meta_gradient(
+        self, params: Params, lrs: Rates, batch: TaskBatch, steps: int, first_order: bool, scale: float = 1.0
+    ) -> tuple[Params, dict[str, Tensor], Tensor]:
+        """MAML's meta-gradient of the summed query losses, in closed form: no autograd at all.
+
+        For models with ``batched_hvp`` (the ReLU MLP) and the plain query loss. The inner steps run
+        forward, keeping each step's point; the query loss's gradient at the adapted point is then
+        carried back through each step ``theta' = theta - lr * g(theta)`` by its transpose Jacobian,
+        ``adjoint -= H(theta) (lr * adjoint)`` (``H`` the support loss's Hessian, a closed-form
+        Hessian-vector product; skipped for first order, where the update's Jacobian is the
+        identity), and the learned rates collect ``-g(theta) * adjoint``. Returns the gradients of
+        ``scale`` times the summed query losses w.r.t. ``params`` and the tensor rates in ``lrs``,
+        and the query outputs. Call it under ``torch.no_grad()``.
+        """
+        model = self.model
+        support_grad = partial(self._loss_grad, y=batch.support_y)
+        points, caches = [], []
+        theta = dict(params)
+        for _ in range(steps):
+            grads, cache = model.batched_gradients(theta, batch.support_x, support_grad)
+            points.append(theta)
+            caches.append((grads, cache))
+            theta = {**theta, **{n: _sgd(theta[n], lrs[n], grads[n]) for n in self.adapted}}
+        query_grad = partial(self._loss_grad, y=batch.query_y, scale=scale)
+        adjoint, query = model.batched_gradients(theta, batch.query_x, query_grad)
+        lr_grads: dict[str, Tensor] = {}
+        support_hvp = partial(self._loss_hvp, y=batch.support_y)
+        for theta, (grads, cache) in zip(reversed(points), reversed(caches)):
+            for n in self.adapted:
+                if isinstance(lrs[n], Tensor):
+                    lr_grads[n] = lr_grads.get(n, 0) - (grads[n] * adjoint[n]).sum(0)
+            if not first_order:
+                # (theta - lr g(theta))' adjoint = adjoint - H (lr * adjoint); a number lr comes out
+                # of the (linear) product and folds into the subtraction: fewer ops
+                rates = {lrs[n] if isinstance(lrs[n], float | int) else None for n in self.adapted}
+                lr = rates.pop() if len(rates) == 1 else None  # one plain-number rate for all
+                direction = {n: adjoint[n] if lr else lrs[n] * adjoint[n] for n in self.adapted}
+                hv = model.batched_hvp(theta, cache, direction, support_hvp)
+                adjoint = {
+                    n: a if n not in hv else _sgd(a, lr, hv[n]) if lr else a - hv[n]
+                    for n, a in adjoint.items()
+                }
+        return {n: a.sum(0) for n, a in adjoint.items()}, lr_grads, query.out
+
+    @property
+    def has_meta_gradient(self) -> bool:
+        """Whether :meth:`meta_gradient` applies to this model."""
+        return self.closed_form and hasattr(self.model, "batched_hvp")
+
+    def _loss_grad(self, out: Tensor, y: Tensor, scale: float = 1.0) -> Tensor:
+        """``scale`` times the gradient of :meth:`_summed_loss` w.r.t. the outputs ``out [T, B, ...]``."""
+        if self.task == "regression":  # d/d out of mean((out - y)^2) over each task's B x D entries
+            return (out - y) * (2.0 * scale / out[0].numel())
+        # d/d logits of each task's mean cross-entropy: (softmax - one-hot) / B
+        onehot = F.one_hot(y, out.shape[-1]).to(out.dtype)
+        return (torch.softmax(out, dim=-1) - onehot) * (scale / out.shape[1])
+
+    def _loss_hvp(self, out: Tensor, d_out: Tensor, y: Tensor) -> Tensor:  # noqa: ARG002 - y for MSE
+        """The Hessian of :meth:`_summed_loss` w.r.t. the outputs, times ``d_out`` (same shape)."""
+        if self.task == "regression":
+            return d_out * (2.0 / out[0].numel())
+        # softmax's Jacobian: diag(s) - s s^T, per output row, over each task's B rows
+        s = torch.softmax(out, dim=-1)
+        return s * (d_out - (s * d_out).sum(-1, keepdim=True)) / out.shape[1]
+
+    def forward(self, p: Params, x: Tensor, features: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         return self.model.batched_forward(p, x)
 
     def _summed_loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -285,32 +388,65 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (LoopStrategy, VmapS
 BATCHING = ("auto", *STRATEGIES)
 
 
-def resolve_batching(choice: str, model: nn.Module) -> str:
-    """``auto`` picks what ``scripts/benchmark.py`` measured as fastest on the 2-core CPU.
+def resolve_batching(choice: str, model: nn.Module, device: torch.device | str | None = None) -> str:
+    """``auto`` picks, per model AND device, what ``scripts/benchmark.py`` measured as fastest.
 
-    MLPs run ``batched`` (bmm: 17-20x the per-task loop on the sinusoid shape). Convolutional
-    networks run a plain ``loop``: vmapped convolutions are 2x slower, and conv4's grouped
-    convolutions (``batched``) win only on small shapes (1.2x on the Omniglot CPU preset, 0.7x on
-    the paper's Omniglot shape), so the presets that profit set ``meta.batching=batched``
-    themselves. Anything else runs ``vmap``. The README's "Speed" section has the figures.
+    ``device`` defaults to where the model's parameters are: resolve after ``model.to(device)``
+    (:class:`~metakd_run.meta.maml.MAML` does this lazily, at the first meta-batch on a device).
+
+    - MLPs (``batched_forward``, no convolution): ``batched`` on every device. One ``baddbmm`` per
+      layer for the whole meta-batch and, with ReLU, the closed-form meta-gradient: on the 2-core
+      CPU, sinusoid shape, 1 thread, interleaved, 21-22x the per-task reference loop second order
+      (12x through autograd) where ``vmap`` gives 6x and ``loop`` 1.0x.
+    - Convolutional networks on CUDA: ``vmap``. On an H200, Omniglot 5-way 1-shot at the paper's
+      shape (conv4-64, meta-batch 32, second order), ``vmap`` ran 29 meta-iterations/s,
+      ``batched`` (4 tasks per grouped-convolution graph) 4.5 and ``loop`` 1.9: the GPU wants few
+      large kernels, and the loop launches hundreds of tiny ones per task.
+    - Convolutional networks on a CPU: ``loop``. Convolutions there are compute-bound; vmapped
+      convolutions ran at about 0.4x the reference, grouped ones (``batched``) 0.5-0.7x on the
+      paper's shapes (each layer's activations for several tasks fall out of cache), while the loop
+      runs the reference's arithmetic with less overhead. Presets with small shapes where the grouped
+      convolutions win (the Omniglot CPU preset, 1.2x) set ``meta.batching=batched`` themselves.
+    - Anything else: ``vmap`` (it needs nothing from the model).
+
+    The README's "Speed" section has the figures and the commands that measure them.
     """
     choice = str(getattr(choice, "value", choice))  # a str-valued Enum member, or the string itself
     if choice not in BATCHING:
         raise ValueError(f"meta.batching must be one of {BATCHING}, got {choice!r}")
     if choice != "auto":
         return choice
+    if device is None:
+        device = device_of(model)
     if _has_conv(model):
-        return "loop"
+        return "vmap" if torch.device(device).type == "cuda" else "loop"
     return "batched" if hasattr(model, "batched_forward") else "vmap"
 
 
-def make_strategy(choice: str, chunk: int, model: nn.Module, task: str, adapted: list[str]) -> Strategy:
-    """The strategy ``meta.batching`` names (``auto``: by model); ``chunk`` 0 takes its default."""
-    cls = STRATEGIES[resolve_batching(choice, model)]
+def make_strategy(
+    choice: str,
+    chunk: int,
+    model: nn.Module,
+    task: str,
+    adapted: list[str],
+    device: torch.device | str | None = None,
+) -> Strategy:
+    """The strategy ``meta.batching`` names (``auto``: by model and device); ``chunk`` 0 takes its default."""
+    cls = STRATEGIES[resolve_batching(choice, model, device)]
     return cls(model, task, adapted, chunk or cls.default_chunk(model))
 
 
 # --- helpers ------------------------------------------------------------------------------------------
+def _sgd(p: Tensor, lr: Tensor | float, g: Tensor) -> Tensor:
+    """``p - lr * g``; one fused op for a plain-number rate (small steps are op-count bound)."""
+    return torch.add(p, g, alpha=-lr) if isinstance(lr, float | int) else p - lr * g
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
