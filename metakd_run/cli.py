@@ -199,9 +199,33 @@ def _compact(err: BaseException) -> str:
     return " ".join(p if p.endswith((".", ":")) else p + ";" for p in parts).rstrip(";")
 
 
+def register_plugins() -> None:
+    """Register our launcher and sweeper with Hydra by hand.
+
+    Hydra finds plugins by listing the ``hydra_plugins`` namespace package with ``pkgutil``, which
+    does not see a package served by an editable install's import hook (``pip install -e .``):
+    Hydra then says "Unknown plugin class". Registering the classes works for every kind of
+    install. A plugin whose optional dependencies (submitit, optuna) are missing is left out, and
+    Hydra names it if a config asks for it.
+    """
+    import importlib
+
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()
+    for module, name in (("launcher", "SlurmLauncher"), ("optuna_sweeper", "OptunaSweeper")):
+        try:
+            cls = getattr(importlib.import_module(f"hydra_plugins.metakd_run_plugins.{module}"), name)
+        except ImportError:
+            continue
+        if f"{cls.__module__}.{cls.__name__}" not in plugins.class_name_to_class:
+            plugins.register(cls)
+
+
 def entry() -> Any:
     """Console script: Hydra's errors are re-raised to us (HYDRA_FULL_ERROR) and shown as one line."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    register_plugins()
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
