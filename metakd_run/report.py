@@ -65,6 +65,10 @@ def format_table(summary: dict[str, Any]) -> str:
                 )
             rows.append(["gap closed by distillation (bootstrap CI)", ""] + cells)
         out += ["", *_table(rows)]
+    if summary.get("lake_runs"):  # eval.lake_runs: Lake et al.'s 20 one-shot runs
+        from metakd_run.lake import format_table as format_lake_table
+
+        out += ["", format_lake_table(summary["lake_runs"])]
     return "\n".join(out)
 
 
