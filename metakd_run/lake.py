@@ -41,6 +41,7 @@ from metakd_run.data.lake import LakeRuns, load_lake_runs
 from metakd_run.evaluate import t_interval
 from metakd_run.meta.maml import MAML
 from metakd_run.models.norm import MetaBatchNorm2d
+from metakd_run.report import text_table
 from metakd_run.results import label
 
 if TYPE_CHECKING:
@@ -260,16 +261,6 @@ def log_section(tracker: Any, section: dict[str, Any]) -> None:
 
 
 # --- the console table ------------------------------------------------------------------------------------
-def _rows(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
 def _pct(entry: dict[str, Any], signed: bool = False) -> str:
     sign = "+" if signed else ""
     half = "n/a" if entry["ci95"] is None else f"{100 * entry['ci95']:.1f}"
@@ -290,7 +281,7 @@ def format_table(section: dict[str, Any]) -> str:
     for pair, by_mode in section["paired"].items():
         a, b = pair.split("-")
         rows.append([f"{label(a)} - {label(b)} (paired)", *(_pct(by_mode[m], signed=True) for m in MODES)])
-    out += _rows(rows)
+    out += text_table(rows)
     published = ", ".join(f"{who} {100 * e:.1f}" for who, e in section["published_error"].items())
     out.append(f"published error %: {published}")
     out += [f"  {m}: {d}" for m, d in section["modes"].items()]
@@ -298,7 +289,7 @@ def format_table(section: dict[str, Any]) -> str:
     rows = [header]
     for model in section["models"].values():
         rows.append([model["label"], *(f"{100 * e:.0f}" for e in model["error"][section["fair"]]["per_run"])])
-    out += ["", *_rows(rows)]
+    out += ["", *text_table(rows)]
     return "\n".join(out)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from metakd_run.results import label, primary_metric
 
 
-def _table(rows: list[list[str]]) -> list[str]:
+def text_table(rows: list[list[str]]) -> list[str]:
+    """Rows as aligned text lines (first column left, the rest right) with a rule under the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -44,7 +45,7 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{summary['dataset']}: query {metric} on {ev['tasks']} {ev['split']} tasks "
         f"(mean ± 95% CI), after 0..{ev['steps']} inner steps"
     )
-    out = [title, *_table(rows)]
+    out = [title, *text_table(rows)]
     comp = summary.get("comparisons", {})
     if comp.get("pairs"):
         rows = [["paired difference (same tasks)", ""] + [f"@ {s.split('_')[1]} steps" for s in steps]]
@@ -64,7 +65,7 @@ def format_table(summary: dict[str, Any]) -> str:
                     f"{100 * (g['ci95_high'] or 0):.0f}]"
                 )
             rows.append(["gap closed by distillation (bootstrap CI)", ""] + cells)
-        out += ["", *_table(rows)]
+        out += ["", *text_table(rows)]
     if summary.get("lake_runs"):  # eval.lake_runs: Lake et al.'s 20 one-shot runs
         from metakd_run.lake import format_table as format_lake_table
 

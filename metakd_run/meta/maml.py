@@ -21,15 +21,13 @@ from torch import Tensor, nn
 
 from metakd_run.config import MetaConfig
 from metakd_run.data.tasks import TaskBatch
+from metakd_run.meta.learner import MetaLearner
 from metakd_run.meta.strategies import (
     TASK_LOSS,
     Params,
     Rates,
-    Strategy,
     accuracy,
-    device_of,
     losses_per_task,
-    make_strategy,
     sgd_step,
 )
 
@@ -37,7 +35,7 @@ from metakd_run.meta.strategies import (
 Objective = Callable[[Tensor, dict[str, Tensor], Tensor, Mapping[str, Tensor]], tuple[Tensor, dict]]
 
 
-class MAML(nn.Module):
+class MAML(MetaLearner):
     """A model's meta-learned initialisation, its (optionally learned) inner rates, and the loop.
 
     ``task="regression"`` uses MSE, ``"classification"`` cross-entropy (and reports accuracy).
@@ -45,16 +43,12 @@ class MAML(nn.Module):
     """
 
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.task = task
-        self.loss = TASK_LOSS[task]
         head = getattr(model, "head_prefix", "head.")
-        names = [n for n, _ in model.named_parameters()]
-        self.adapted = [n for n in names if not cfg.anil or n.startswith(head)]
-        if not self.adapted:
+        adapted = [n for n, _ in model.named_parameters() if not cfg.anil or n.startswith(head)]
+        if not adapted:
             raise ValueError("no parameter to adapt in the inner loop (ANIL found no head)")
+        super().__init__(model, task, cfg, adapted)
+        self.loss = TASK_LOSS[task]
         if cfg.learn_inner_lr:
             # Meta-SGD: one learned rate per adapted parameter entry, initialised at inner_lr.
             self.inner_lrs = nn.ParameterDict(
@@ -66,45 +60,12 @@ class MAML(nn.Module):
             )
         else:
             self.inner_lrs = None
-        # ``auto`` depends on the device, known only once the model has been moved there, so the
-        # strategy is made at first use on each device (and checked now, for a bad choice).
-        make_strategy(cfg.batching, cfg.chunk, model, task, self.adapted)
-        self._strategies: dict[torch.device, Strategy] = {}
-
-    @property
-    def strategy(self) -> Strategy:
-        """How the tasks go through (``meta.batching``), resolved for the model's current device."""
-        device = device_of(self.model)
-        if device not in self._strategies:
-            self._strategies[device] = make_strategy(
-                self.cfg.batching, self.cfg.chunk, self.model, self.task, self.adapted, device
-            )
-        return self._strategies[device]
-
-    @property
-    def batching(self) -> str:
-        """The strategy in use (``meta.batching``, with ``auto`` resolved for this model and device)."""
-        return self.strategy.name
-
-    @property
-    def chunk(self) -> int:
-        """Tasks per piece of a meta-batch (0: all at once)."""
-        return self.strategy.chunk
 
     # --- parameters ------------------------------------------------------------------------------
-    def params(self) -> Params:
-        """The meta-parameters as a dict (the live ``nn.Parameter`` objects, so grads land on them)."""
-        return dict(self.model.named_parameters())
-
     def lrs(self) -> dict[str, Tensor | float]:
         if self.inner_lrs is None:
             return {n: self.cfg.inner_lr for n in self.adapted}
         return {n: self.inner_lrs[_key(n)] for n in self.adapted}
-
-    def frozen(self) -> tuple[Params, dict[str, Tensor | float]]:
-        """Detached parameters and rates, for adaptation that must build no graph."""
-        lrs = {n: (r.detach() if isinstance(r, Tensor) else r) for n, r in self.lrs().items()}
-        return {n: p.detach() for n, p in self.params().items()}, lrs
 
     # --- one task ----------------------------------------------------------------------------------
     def adapt(

@@ -36,15 +36,13 @@ from torch.nn import functional as F
 
 from metakd_run.config import MetaConfig
 from metakd_run.data.tasks import TaskBatch
+from metakd_run.meta.learner import MetaLearner
 from metakd_run.meta.maml import Objective
 from metakd_run.meta.strategies import (
     Params,
     Rates,
-    Strategy,
     accuracy,
-    device_of,
     losses_per_task,
-    make_strategy,
 )
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ def distance_logits(queries: Tensor, protos: Tensor) -> Tensor:
     return -(queries.unsqueeze(-2) - protos.unsqueeze(-3)).pow(2).sum(-1)
 
 
-class ProtoNet(nn.Module):
+class ProtoNet(MetaLearner):
     """An embedding network scored by distances to class prototypes; MAML's interface, no inner loop.
 
     ``task`` must be ``"classification"``; ``cfg`` is the ``meta`` group (its batching, chunk and
@@ -72,49 +70,14 @@ class ProtoNet(nn.Module):
     """
 
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig) -> None:
-        super().__init__()
         if task != "classification":
             raise ValueError(f"protonet scores classes by their prototypes, but these tasks are {task}")
-        self.model = model
-        self.cfg = cfg
-        self.task = task
+        super().__init__(model, task, cfg, adapted=[])  # no inner loop: nothing is adapted
         self.tap = getattr(model, "embedding_tap", "embedding")
         self.head_prefix = getattr(model, "head_prefix", "head.")
         if not isinstance(model.get_submodule(self.head_prefix.rstrip(".")), nn.Linear):
             raise ValueError(f"protonet needs a model whose {self.head_prefix!r} is a linear layer")
-        self.adapted: list[str] = []  # the parameters an inner loop adapts: none
-        # ``auto`` depends on the device, known once the model is there: made at first use (as MAML).
-        make_strategy(cfg.batching, cfg.chunk, model, task, self.adapted)
-        self._strategies: dict[torch.device, Strategy] = {}
         _say_steps_do_not_apply()
-
-    @property
-    def strategy(self) -> Strategy:
-        """How the tasks go through (``meta.batching``): per-task forward passes, no adaptation."""
-        device = device_of(self.model)
-        if device not in self._strategies:
-            self._strategies[device] = make_strategy(
-                self.cfg.batching, self.cfg.chunk, self.model, self.task, self.adapted, device
-            )
-        return self._strategies[device]
-
-    @property
-    def batching(self) -> str:
-        return self.strategy.name
-
-    @property
-    def chunk(self) -> int:
-        return self.strategy.chunk
-
-    # --- parameters (MAML's surface; there are no inner rates) ------------------------------------
-    def params(self) -> Params:
-        return dict(self.model.named_parameters())
-
-    def lrs(self) -> dict[str, Tensor | float]:
-        return {}
-
-    def frozen(self) -> tuple[Params, dict[str, Tensor | float]]:
-        return {n: p.detach() for n, p in self.params().items()}, {}
 
     # --- one task ----------------------------------------------------------------------------------
     def adapt(

@@ -1,0 +1,58 @@
+"""What every meta-learner (MAML, ProtoNet) holds: a model, its kind of task, the ``meta`` config,
+the parameters an inner loop adapts, and the strategy that runs a meta-batch through them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from metakd_run.config import MetaConfig
+from metakd_run.meta.strategies import Params, Strategy, device_of, make_strategy
+
+
+class MetaLearner(nn.Module):
+    """The shared state and plumbing; subclasses write the algorithm (adapt, task losses, curves)."""
+
+    def __init__(self, model: nn.Module, task: str, cfg: MetaConfig, adapted: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.task = task
+        self.adapted = adapted
+        # ``auto`` depends on the device, known only once the model has been moved there, so the
+        # strategy is made at first use on each device (and checked now, for a bad choice).
+        make_strategy(cfg.batching, cfg.chunk, model, task, adapted)
+        self._strategies: dict[torch.device, Strategy] = {}
+
+    @property
+    def strategy(self) -> Strategy:
+        """How the tasks go through (``meta.batching``), resolved for the model's current device."""
+        device = device_of(self.model)
+        if device not in self._strategies:
+            self._strategies[device] = make_strategy(
+                self.cfg.batching, self.cfg.chunk, self.model, self.task, self.adapted, device
+            )
+        return self._strategies[device]
+
+    @property
+    def batching(self) -> str:
+        """The strategy in use (``meta.batching``, with ``auto`` resolved for this model and device)."""
+        return self.strategy.name
+
+    @property
+    def chunk(self) -> int:
+        """Tasks per piece of a meta-batch (0: all at once)."""
+        return self.strategy.chunk
+
+    def params(self) -> Params:
+        """The meta-parameters as a dict (the live ``nn.Parameter`` objects, so grads land on them)."""
+        return dict(self.model.named_parameters())
+
+    def lrs(self) -> dict[str, Tensor | float]:
+        """The inner rates of the adapted parameters (none by default)."""
+        return {}
+
+    def frozen(self) -> tuple[Params, dict[str, Tensor | float]]:
+        """Detached parameters and rates, for adaptation that must build no graph."""
+        lrs = {n: (r.detach() if isinstance(r, Tensor) else r) for n, r in self.lrs().items()}
+        return {n: p.detach() for n, p in self.params().items()}, lrs
