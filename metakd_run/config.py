@@ -224,6 +224,12 @@ class MetaConfig:
     chunk: int = 0  # >0: this many tasks per graph (bounded memory); 0: the strategy's choice
     task_shards: int = 0  # >0: draw the meta-batch as N rank-seeded shards (see distributed.py)
     family: Family = Family.maml  # every model's family: maml (this group's options) or protonet
+    # MAML++ (Antoniou et al. 2019), each an option; meta=mamlpp turns them on
+    msl: bool = False  # multi-step loss: the outer loss weighs the query loss after every inner step
+    msl_until: float = 0.1  # ... with weights annealed to the last step over this fraction of a stage
+    lslr: bool = False  # a learned inner rate per adapted tensor and per inner step
+    per_step_bn: bool = False  # batch-norm weights and biases per inner step (meta-learned, not adapted)
+    first_order_until: float = 0.0  # first order for this fraction of a stage, second order after
     teacher_family: Family | None = None  # the teacher's, when it differs (null: family)
     student_family: Family | None = None  # both students', when it differs (null: family)
 
@@ -250,6 +256,15 @@ class MetaConfig:
         check(self.meta_batch >= 1, "meta.meta_batch", self.meta_batch, "must be >= 1")
         check(self.chunk >= 0, "meta.chunk", self.chunk, "must be >= 0 (0: the whole meta-batch)")
         check(self.task_shards >= 0, "meta.task_shards", self.task_shards, "must be >= 0")
+        for key in ("msl_until", "first_order_until"):
+            value = getattr(self, key)
+            check(0 <= value <= 1, f"meta.{key}", value, "must be a fraction of the stage, between 0 and 1")
+        check(
+            not (self.lslr and self.learn_inner_lr),
+            "meta.lslr",
+            self.lslr,
+            "is a learned rate per tensor and step, meta.learn_inner_lr one per entry: set one false",
+        )
 
 
 @dataclass

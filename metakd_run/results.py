@@ -187,6 +187,14 @@ def write_outputs(
     tracker.close()
 
 
+def mamlpp_options(meta: Any) -> str:
+    """MAML++'s options that are on, as one HParams column (``none`` for plain MAML)."""
+    on = [k for k in ("msl", "lslr", "per_step_bn") if getattr(meta, k)]
+    if meta.first_order_until:
+        on.append(f"first_order_until={meta.first_order_until}")
+    return ",".join(on) or "none"
+
+
 def key_hparams(cfg: Config) -> dict[str, Any]:
     """The hyperparameters a reader compares runs on (also the HParams tab's columns)."""
     ds, meta, kd = cfg.dataset, cfg.meta, cfg.kd
@@ -202,6 +210,7 @@ def key_hparams(cfg: Config) -> dict[str, Any]:
         "meta.first_order": meta.first_order,
         "meta.learn_inner_lr": meta.learn_inner_lr,
         "meta.anil": meta.anil,
+        "meta.mamlpp": mamlpp_options(meta),
         "meta.outer_lr": meta.outer_lr,
         "meta.outer_schedule": str(meta.outer_schedule),
         "meta.meta_batch": meta.meta_batch,

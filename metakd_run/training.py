@@ -194,6 +194,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
     for it in range(start, spec.iterations):
         batch = spec.sample_tasks(it, generator).to(spec.device, spec.dtype)
         optimizer.zero_grad(set_to_none=True)
+        spec.learner.begin_iteration(it, spec.iterations)  # MAML++'s schedules read the progress
         metrics = spec.step(batch)
         if not math.isfinite(metrics["loss"]):
             where = resume_file if resume_file.exists() else "none yet"
@@ -236,6 +237,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
                 )
     bar.close()
     elapsed += time.perf_counter() - tic
+    spec.learner.begin_iteration(spec.iterations, spec.iterations)  # the schedules' final state
     if best_state is not None:
         spec.module.load_state_dict(best_state)
     done_iters = spec.iterations - start

@@ -99,27 +99,32 @@ class MetaDistillation:
         student = self.student
         params, lrs = student.params(), student.lrs()
         adapted = list(lrs)
-        steps, first_order = student.cfg.inner_steps, student.cfg.first_order
+        steps, second_order = student.cfg.inner_steps, student.second_order
+        weights = student.msl_weights() or [0.0] * (steps - 1) + [1.0]  # MAML++'s multi-step loss
         task_loss = TASK_LOSS[student.task]
         shots = batch.support_y.shape[1]
 
         def one_task(
             x: Tensor, y: Tensor, teacher: dict[str, Tensor], qx: Tensor, qy: Tensor
         ) -> tuple[Tensor, dict[str, Tensor]]:
-            def support_loss(fast: Params) -> tuple[Tensor, Tensor]:
-                out, feats = functional_call(student.model, {**params, **fast}, (x,))
+            def support_loss(fast: Params, fixed: Params) -> tuple[Tensor, Tensor]:
+                out, feats = functional_call(student.model, {**fixed, **fast}, (x,))
                 terms = self.distiller.terms({**feats, OUTPUT: out}, teacher)
                 return task_loss(out[:shots], y) + self.weight * self.distiller.weigh(terms), terms.mean()
 
-            fast, first_distance = {n: params[n] for n in adapted}, None
-            for _ in range(steps):
-                grads, distance = grad(support_loss, has_aux=True)(fast)
-                if first_order:
+            fast, fixed, first_distance, loss = {n: params[n] for n in adapted}, params, None, 0.0
+            for k, weight in enumerate(weights):
+                fixed = {**fixed, **student.norms_at(k)}  # MAML++'s per-step batch norm, if on
+                rates = student.rates_at(lrs, k)
+                grads, distance = grad(support_loss, has_aux=True)(fast, fixed)
+                if not second_order:
                     grads = {n: g.detach() for n, g in grads.items()}
-                fast = {n: fast[n] - lrs[n] * grads[n] for n in adapted}
+                fast = {n: fast[n] - rates[n] * grads[n] for n in adapted}
                 first_distance = distance if first_distance is None else first_distance
-            out, _ = functional_call(student.model, {**params, **fast}, (qx,))
-            loss, aux = student.query_loss(out, qy)
+                if weight:
+                    out, _ = functional_call(student.model, {**fixed, **fast}, (qx,))
+                    step_loss, aux = student.query_loss(out, qy)
+                    loss = loss + weight * step_loss
             return loss, {**aux, "kd_loss": first_distance.detach()}
 
         inputs = support_inputs(batch)
@@ -144,7 +149,8 @@ class MetaDistillation:
                 query_x = torch.cat([query_x, batch.transfer_x], dim=1)
             extra = self.teacher_targets(batch, query_x)
             metrics = self.student.meta_backward(batch, self.objective, extra, query_x=query_x)
-        return {**metrics, **self.distiller.learned_values(self.weight)}
+        rates = self.student.learned_rates() if isinstance(self.student, MAML) else {}
+        return {**metrics, **rates, **self.distiller.learned_values(self.weight)}
 
     def _inner_meta_backward(self, batch: TaskBatch) -> dict[str, float]:
         total = batch.num_tasks

@@ -23,6 +23,13 @@ class MetaLearner(nn.Module):
         # strategy is made at first use on each device (and checked now, for a bad choice).
         make_strategy(cfg.batching, cfg.chunk, model, task, adapted)
         self._strategies: dict[torch.device, Strategy] = {}
+        # how far the current stage is (0 at its first meta-iteration, 1 after it): schedules that
+        # depend on it (MAML++'s) read it; outside training it is 1, the schedules' final state
+        self.progress = 1.0
+
+    def begin_iteration(self, iteration: int, total: int) -> None:
+        """Called by the training loop before each meta-iteration (0-based) of a stage of ``total``."""
+        self.progress = iteration / max(total, 1)
 
     @property
     def strategy(self) -> Strategy:

@@ -14,7 +14,10 @@ below is written once, for all of them. The query objective is written for ONE t
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +29,14 @@ from metakd_run.meta.strategies import (
     TASK_LOSS,
     Params,
     Rates,
+    Strategy,
     accuracy,
     losses_per_task,
     sgd_step,
 )
+from metakd_run.models.norm import MetaBatchNorm2d
+
+log = logging.getLogger(__name__)
 
 # objective(output, features, query_targets, extra) -> (loss, {name: scalar}), for ONE task
 Objective = Callable[[Tensor, dict[str, Tensor], Tensor, Mapping[str, Tensor]], tuple[Tensor, dict]]
@@ -44,28 +51,91 @@ class MAML(MetaLearner):
 
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig) -> None:
         head = getattr(model, "head_prefix", "head.")
-        adapted = [n for n, _ in model.named_parameters() if not cfg.anil or n.startswith(head)]
+        # MAML++'s per-step batch norm: the norms' weights and biases are meta-learned per step and
+        # not adapted (as in Antoniou et al.'s code); the model's own serve step 0
+        self.norm_names = norm_parameters(model) if cfg.per_step_bn else []
+        if cfg.per_step_bn and not self.norm_names:
+            _say_once(f"meta.per_step_bn: the {type(model).__name__} model has no batch norm, nothing to do")
+        if (cfg.msl or cfg.per_step_bn) and cfg.inner_steps < 2:
+            _say_once(f"meta.msl and meta.per_step_bn change nothing with meta.inner_steps={cfg.inner_steps}")
+        adapted = [
+            n
+            for n, _ in model.named_parameters()
+            if (not cfg.anil or n.startswith(head)) and n not in self.norm_names
+        ]
         if not adapted:
             raise ValueError("no parameter to adapt in the inner loop (ANIL found no head)")
         super().__init__(model, task, cfg, adapted)
         self.loss = TASK_LOSS[task]
+        named = dict(model.named_parameters())
         if cfg.learn_inner_lr:
             # Meta-SGD: one learned rate per adapted parameter entry, initialised at inner_lr.
             self.inner_lrs = nn.ParameterDict(
-                {
-                    _key(n): nn.Parameter(torch.full_like(p, cfg.inner_lr))
-                    for n, p in model.named_parameters()
-                    if n in self.adapted
-                }
+                {_key(n): nn.Parameter(torch.full_like(named[n], cfg.inner_lr)) for n in self.adapted}
             )
         else:
             self.inner_lrs = None
+        # MAML++'s LSLR: one learned rate per adapted tensor and per inner step, initialised at inner_lr
+        steps = max(cfg.inner_steps, 1)
+        self.step_lrs = (
+            nn.ParameterDict(
+                {_key(n): nn.Parameter(torch.full((steps,), cfg.inner_lr)) for n in self.adapted}
+            )
+            if cfg.lslr
+            else None
+        )
+        # per-step batch norm: the values of steps 1..S-1, each starting as the model's own
+        self.step_norms = nn.ParameterDict(
+            {
+                _key(n): nn.Parameter(named[n].detach().clone().unsqueeze(0).repeat(steps - 1, 1))
+                for n in self.norm_names
+                if steps > 1
+            }
+        )
 
     # --- parameters ------------------------------------------------------------------------------
     def lrs(self) -> dict[str, Tensor | float]:
+        """Each adapted tensor's rate: a number, a tensor like it (Meta-SGD) or ``[S]`` per step (LSLR)."""
+        if self.step_lrs is not None:
+            return {n: self.step_lrs[_key(n)] for n in self.adapted}
         if self.inner_lrs is None:
             return {n: self.cfg.inner_lr for n in self.adapted}
         return {n: self.inner_lrs[_key(n)] for n in self.adapted}
+
+    @property
+    def per_step(self) -> bool:
+        """Whether inner steps differ (LSLR rates, per-step batch norm): then they run one at a time."""
+        return self.step_lrs is not None or len(self.step_norms) > 0
+
+    def rates_at(self, lrs: Rates, step: int) -> Rates:
+        """Inner step ``step``'s rates (0-based); with LSLR, steps past the trained ones reuse the last."""
+        if self.step_lrs is None:
+            return lrs
+        return {n: r[min(step, r.shape[0] - 1)] for n, r in lrs.items()}  # type: ignore[union-attr]
+
+    def norms_at(self, step: int) -> Params:
+        """The batch-norm weights and biases that inner step ``step`` (and the query after it) uses.
+
+        Step 0 uses the model's own, which every adaptation starts from (so ``{}``); steps past
+        the trained ones take the last trained step's.
+        """
+        k = min(step, self.cfg.inner_steps - 1)
+        if k < 1 or not self.step_norms:
+            return {}
+        return {n: self.step_norms[_key(n)][k - 1] for n in self.norm_names}
+
+    @property
+    def second_order(self) -> bool:
+        """Whether this meta-iteration differentiates the inner gradients: not first-order MAML, and
+        past MAML++'s first-order start (``meta.first_order_until`` of the stage)."""
+        return not self.cfg.first_order and self.progress >= self.cfg.first_order_until
+
+    def msl_weights(self) -> list[float] | None:
+        """This meta-iteration's multi-step loss weights, or None when only the last step counts."""
+        cfg = self.cfg
+        if not cfg.msl or cfg.inner_steps < 2 or self.progress >= cfg.msl_until:
+            return None
+        return msl_weights(cfg.inner_steps, self.progress / cfg.msl_until)
 
     # --- one task ----------------------------------------------------------------------------------
     def adapt(
@@ -79,10 +149,37 @@ class MAML(MetaLearner):
     ) -> Params:
         """``steps`` inner steps of ONE task from ``params`` (default: the configured number and order)."""
         steps = self.cfg.inner_steps if steps is None else steps
-        create_graph = (not self.cfg.first_order) if create_graph is None else create_graph
-        for _ in range(steps):
-            params = sgd_step(self.model, self.loss, self.adapted, params, lrs, x, y, create_graph)
+        create_graph = self.second_order if create_graph is None else create_graph
+        for k in range(steps):
+            params = {**params, **self.norms_at(k)}
+            rates = self.rates_at(lrs, k)
+            params = sgd_step(self.model, self.loss, self.adapted, params, rates, x, y, create_graph)
         return params
+
+    def run_steps(
+        self,
+        tasks: Strategy,
+        fast: Any,
+        lrs: Rates,
+        x: Tensor,
+        y: Tensor,
+        start: int,
+        stop: int,
+        create_graph: bool,
+    ) -> Any:
+        """Inner steps ``start..stop-1`` of every task (``tasks``' per-task parameters ``fast``).
+
+        All at once when the steps are alike; one at a time, each with its own rates and batch-norm
+        values, when they are not (MAML++).
+        """
+        if not self.per_step:
+            return tasks.adapt(fast, lrs, x, y, stop - start, create_graph)
+        for k in range(start, stop):
+            norms = self.norms_at(k)
+            if norms:
+                fast = tasks.replace(fast, norms)
+            fast = tasks.adapt(fast, self.rates_at(lrs, k), x, y, 1, create_graph)
+        return fast
 
     def query_loss(self, out: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The plain task loss of ONE task on its labelled query points (the first ``len(y)`` outputs)."""
@@ -116,19 +213,26 @@ class MAML(MetaLearner):
         tensors it reads (``[T, ...]``), ``query_x`` the inputs it sees (the query set, perhaps more).
         """
         tasks = self.strategy
+        steps, weights = self.cfg.inner_steps, self.msl_weights()
         fast = tasks.start(self.params(), batch.num_tasks)
-        fast = tasks.adapt(
-            fast,
-            self.lrs(),
-            batch.support_x,
-            batch.support_y,
-            self.cfg.inner_steps,
-            create_graph=not self.cfg.first_order,
-        )
-        out, feats = tasks.forward(fast, query_x, features=objective is not None)
-        if objective is None:  # the plain query loss, for all tasks at once
-            return self.query_losses(out, batch.query_y)
-        return tasks.map(objective, out, feats, batch.query_y, dict(extra))
+        lrs, create_graph = self.lrs(), self.second_order
+        sx, sy = batch.support_x, batch.support_y
+
+        def score(fast: Any) -> tuple[Tensor, dict[str, Tensor]]:
+            out, feats = tasks.forward(fast, query_x, features=objective is not None)
+            if objective is None:  # the plain query loss, for all tasks at once
+                return self.query_losses(out, batch.query_y)
+            return tasks.map(objective, out, feats, batch.query_y, dict(extra))
+
+        if weights is None:
+            return score(self.run_steps(tasks, fast, lrs, sx, sy, 0, steps, create_graph))
+        # MAML++'s multi-step loss: the query loss after every step, weighted (metrics: the last step)
+        total: Tensor | float = 0.0
+        for k, weight in enumerate(weights):
+            fast = self.run_steps(tasks, fast, lrs, sx, sy, k, k + 1, create_graph)
+            losses, aux = score(fast)
+            total = total + weight * losses
+        return total, aux  # type: ignore[return-value]
 
     def meta_backward(
         self,
@@ -145,7 +249,11 @@ class MAML(MetaLearner):
         total = batch.num_tasks
 
         closed_form = (
-            objective is None and query_x is None and getattr(self.strategy, "has_meta_gradient", False)
+            objective is None
+            and query_x is None
+            and getattr(self.strategy, "has_meta_gradient", False)
+            and not self.per_step
+            and self.msl_weights() is None
         )
 
         def backward_piece(
@@ -160,7 +268,14 @@ class MAML(MetaLearner):
 
         qx = batch.query_x if query_x is None else query_x
         metrics = self.strategy.chunked(backward_piece, batch, dict(extra or {}), qx)
-        return {k: float(v.mean()) for k, v in metrics.items()}
+        return {**{k: float(v.mean()) for k, v in metrics.items()}, **self.learned_rates()}
+
+    def learned_rates(self) -> dict[str, float]:
+        """LSLR's rates, averaged over the adapted tensors, per step (``inner_lr/step<k>``), for the logs."""
+        if self.step_lrs is None:
+            return {}
+        rates = torch.stack([r.detach() for r in self.step_lrs.values()]).mean(0)
+        return {f"inner_lr/step{k}": float(r) for k, r in enumerate(rates)}
 
     @torch.no_grad()
     def _closed_form_backward(self, batch: TaskBatch, total: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -172,7 +287,7 @@ class MAML(MetaLearner):
         # under no_grad the live parameters build no graph: no detached copies needed
         live, lrs = self.params(), self.lrs()
         grads, lr_grads, out = self.strategy.meta_gradient(
-            live, lrs, batch, self.cfg.inner_steps, self.cfg.first_order, scale=1.0 / total
+            live, lrs, batch, self.cfg.inner_steps, not self.second_order, scale=1.0 / total
         )
         if self.inner_lrs is not None:
             live = {**live, **{f"lr:{n}": lrs[n] for n in self.adapted}}
@@ -192,7 +307,7 @@ class MAML(MetaLearner):
         tasks = self.strategy
 
         def outputs(sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-            fast = tasks.adapt(tasks.start(params, sx.shape[0]), lrs, sx, sy, steps, create_graph=False)
+            fast = self.run_steps(tasks, tasks.start(params, sx.shape[0]), lrs, sx, sy, 0, steps, False)
             return tasks.forward(fast, qx)
 
         return tasks.chunked(outputs, sx, sy, qx)
@@ -213,7 +328,7 @@ class MAML(MetaLearner):
         def curve(part: TaskBatch) -> dict[str, Tensor]:
             fast, done, rows = tasks.start(params, part.num_tasks), 0, []
             for s in at:
-                fast = tasks.adapt(fast, lrs, part.support_x, part.support_y, s - done, create_graph=False)
+                fast = self.run_steps(tasks, fast, lrs, part.support_x, part.support_y, done, s, False)
                 done = s
                 out, _ = tasks.forward(fast, part.query_x, features=False)
                 rows.append(self.query_losses(out, part.query_y)[1])
@@ -222,5 +337,36 @@ class MAML(MetaLearner):
         return {k: v.transpose(0, 1) for k, v in tasks.chunked(curve, batch).items()}
 
 
+@functools.cache
+def _say_once(message: str) -> None:
+    log.info(message)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+def norm_parameters(model: nn.Module) -> list[str]:
+    """The names of the weights and biases of the model's batch norms (``MetaBatchNorm2d``)."""
+    return [
+        f"{prefix}.{n}" if prefix else n
+        for prefix, m in model.named_modules()
+        if isinstance(m, MetaBatchNorm2d)
+        for n, _ in m.named_parameters(recurse=False)
+    ]
+
+
+def msl_weights(steps: int, annealed: float) -> list[float]:
+    """MAML++'s multi-step loss weights of ``steps`` inner steps, ``annealed`` (0..1) into the anneal.
+
+    At 0 every step weighs ``1/S``. Linearly towards 1, every weight but the last falls to a floor of
+    ``0.03/S`` and the last takes what they give up, so the weights always sum to 1 (Antoniou et al.
+    2019, section 4, and their code's per-step loss importance). At 1 and after, the last step alone
+    counts; :meth:`MAML.msl_weights` then returns None and the plain loss is used.
+    """
+    if annealed >= 1 or steps < 2:
+        return [0.0] * (steps - 1) + [1.0]
+    floor = 0.03 / steps
+    early = max((1 - annealed) / steps, floor)
+    last = min((1 + annealed * (steps - 1)) / steps, 1 - (steps - 1) * floor)
+    return [early] * (steps - 1) + [last]

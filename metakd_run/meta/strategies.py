@@ -159,6 +159,13 @@ class Strategy(ABC, Generic[P]):
         """``steps`` inner steps of every task on its own support set ``x [T, S, ...]``."""
 
     @abstractmethod
+    def replace(self, p: P, values: Params) -> P:
+        """Every task with the non-adapted parameters in ``values`` set to those (shared) values.
+
+        MAML++'s per-step batch-norm weights: the step decides them, the tasks share them.
+        """
+
+    @abstractmethod
     def forward(self, p: P, x: Tensor, features: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """Every task's outputs and features on its own inputs ``x [T, N, ...]``, stacked ``[T, ...]``.
 
@@ -204,6 +211,9 @@ class LoopStrategy(Strategy[list[Params]]):
             return params
 
         return [one_task(pt, xt, yt) for pt, xt, yt in zip(p, x, y)]
+
+    def replace(self, p: list[Params], values: Params) -> list[Params]:
+        return [{**pt, **values} for pt in p]
 
     def forward(self, p: list[Params], x: Tensor, features: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         results = [self._call(pt, xt) for pt, xt in zip(p, x)]
@@ -251,6 +261,9 @@ class VmapStrategy(Strategy[VmapParams]):
         fast = vmap(one_task, in_dims=in_dims, randomness="different")(p.fast, x, y)
         return VmapParams(p.shared, fast, per_task=True)
 
+    def replace(self, p: VmapParams, values: Params) -> VmapParams:
+        return VmapParams({**p.shared, **values}, p.fast, p.per_task)
+
     def forward(self, p: VmapParams, x: Tensor, features: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         def one_task(fast: Params, xt: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             return functional_call(self.model, {**p.shared, **fast}, (xt,))
@@ -295,6 +308,12 @@ class BatchedStrategy(Strategy[Params]):
         for _ in range(steps):
             p = autograd_step(forward, self._summed_loss, self.adapted, p, lrs, x, y, create_graph)
         return p
+
+    def replace(self, p: Params, values: Params) -> Params:
+        if self.closed_form:  # shared values broadcast
+            return {**p, **values}
+        tasks = next(iter(p.values())).shape[0]
+        return {**p, **{n: v.unsqueeze(0).expand(tasks, *v.shape) for n, v in values.items()}}
 
     def _closed_form_step(self, p: Params, lrs: Rates, x: Tensor, y: Tensor, create_graph: bool) -> Params:
         """One step with the model's own written-out gradient (``batched_gradients``), no autograd.
