@@ -277,7 +277,7 @@ def test_layer_study_names_its_cells_and_reports_a_failed_one(tmp_path: Path):
 
 # --- the study presets ---------------------------------------------------------------------------------
 
-STUDIES = ("student_size", "kd_layer", "inner_steps")
+STUDIES = ("student_size", "kd_layer", "inner_steps", "families")
 EXPERIMENTS = {
     "sinusoid": SimpleNamespace(in_shape=(1,), out_dim=1, task="regression"),
     "omniglot_5w1s_cpu": SimpleNamespace(in_shape=(1, 28, 28), out_dim=5, task="classification"),
@@ -290,6 +290,8 @@ GRIDS = {  # (study, data set) -> the swept key and its values
     ("kd_layer", "omniglot_5w1s_cpu"): ("study.cell", None),
     ("inner_steps", "sinusoid"): ("meta.inner_steps", ["1", "2", "5"]),
     ("inner_steps", "omniglot_5w1s_cpu"): ("meta.inner_steps", ["1", "2", "5"]),
+    ("families", "sinusoid"): ("study.cell", None),
+    ("families", "omniglot_5w1s_cpu"): ("study.cell", None),
 }
 
 
@@ -341,6 +343,19 @@ def test_each_study_preset_composes_and_every_cell_builds(study: str, experiment
             assert (typed.kd.distance, list(typed.kd.taps)) == (cell["distance"], list(cell["taps"]))
         if study == "inner_steps":
             assert typed.meta.inner_steps == value and typed.eval.steps >= 5
+        if study == "families":
+            cell = typed.study.cells[value]
+            assert str(typed.meta.family_of("teacher")) == cell["teacher"]
+            assert str(typed.meta.family_of("student")) == cell["student"]
+            assert typed.kd.inner == cell["inner"] and typed.kd.learn_weight == cell["learn"]
+            assert type(teacher).__name__.lower() == cell["teacher"]
+    if study == "families":  # every family pair, every mode a student family can take
+        pairs = {(c["teacher"], c["student"]) for c in cfg.study.cells.values()}
+        assert pairs == (
+            {("maml", "maml")}
+            if source.task == "regression"
+            else {(t, s) for t in ("maml", "protonet") for s in ("maml", "protonet")}
+        )
 
 
 def test_no_study_leaves_the_default_config_alone():
