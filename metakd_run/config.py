@@ -230,6 +230,7 @@ class MetaConfig:
     lslr: bool = False  # a learned inner rate per adapted tensor and per inner step
     per_step_bn: bool = False  # batch-norm weights and biases per inner step (meta-learned, not adapted)
     first_order_until: float = 0.0  # first order for this fraction of a stage, second order after
+    rate_lr: float | None = None  # Adam's rate for learned inner rates (LSLR, Meta-SGD); null: outer_lr
     teacher_family: Family | None = None  # the teacher's, when it differs (null: family)
     student_family: Family | None = None  # both students', when it differs (null: family)
 
@@ -256,6 +257,7 @@ class MetaConfig:
         check(self.meta_batch >= 1, "meta.meta_batch", self.meta_batch, "must be >= 1")
         check(self.chunk >= 0, "meta.chunk", self.chunk, "must be >= 0 (0: the whole meta-batch)")
         check(self.task_shards >= 0, "meta.task_shards", self.task_shards, "must be >= 0")
+        check(self.rate_lr is None or self.rate_lr > 0, "meta.rate_lr", self.rate_lr, "must be > 0 or null")
         for key in ("msl_until", "first_order_until"):
             value = getattr(self, key)
             check(0 <= value <= 1, f"meta.{key}", value, "must be a fraction of the stage, between 0 and 1")

@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import random
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -133,6 +134,23 @@ def outer_scheduler(optimizer: torch.optim.Optimizer, spec: StageSpec) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def param_groups(module: nn.Module, meta: MetaConfig) -> list[dict[str, Any]]:
+    """Adam's parameter groups: one, or with ``meta.rate_lr`` the learned inner rates on their own.
+
+    A learned rate starts near ``inner_lr`` (0.01 on the sinusoid), and Adam moves every entry by
+    about ``outer_lr`` per iteration whatever its gradient's scale: 10% of the rate per step there.
+    """
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if meta.rate_lr is None:
+        return [{"params": [p for _, p in trainable]}]
+    rates = [p for n, p in trainable if RATE_NAMES.search(n)]
+    rest = [p for n, p in trainable if not RATE_NAMES.search(n)]
+    return [{"params": rest}, {"params": rates, "lr": meta.rate_lr}]
+
+
+RATE_NAMES = re.compile(r"(^|\.)(inner_lrs|step_lrs)\.")
+
+
 def last_path(spec: StageSpec) -> Path:
     return spec.checkpoint_dir / f"{spec.name}_last.pt"
 
@@ -143,8 +161,7 @@ def final_path(checkpoint_dir: Path, stage: str) -> Path:
 
 def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
     """Meta-train one stage (resuming from its last checkpoint if there is one)."""
-    params = [p for p in spec.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=spec.meta.outer_lr)
+    optimizer = torch.optim.Adam(param_groups(spec.module, spec.meta), lr=spec.meta.outer_lr)
     scheduler = outer_scheduler(optimizer, spec)
     generator = torch.Generator().manual_seed(spec.task_seed)
     start, best, best_state, elapsed, val_elapsed = 0, None, None, 0.0, 0.0
