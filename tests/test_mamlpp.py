@@ -297,3 +297,17 @@ def test_mamlpp_preset_runs_end_to_end_and_logs_the_rates(run_cli, tmp_path):
     ea = EventAccumulator(str(run_dir))
     ea.Reload()
     assert {"teacher/train/inner_lr/step0", "student_kd/train/inner_lr/step1"} <= set(ea.Tags()["scalars"])
+
+
+def test_rate_lr_puts_the_learned_rates_in_their_own_adam_group():
+    from metakd_run.training import param_groups
+
+    maml = MAML(MLP(1, 1, [4]), "regression", MetaConfig(inner_steps=2, lslr=True))
+    (one,) = param_groups(maml, maml.cfg)  # default: one group, outer_lr for everything
+    assert len(one["params"]) == 8
+    cfg = MetaConfig(inner_steps=2, lslr=True, rate_lr=1e-5)
+    rest, rates = param_groups(maml, cfg)
+    assert rates["lr"] == 1e-5 and len(rates["params"]) == 4 and len(rest["params"]) == 4
+    assert {id(p) for p in rates["params"]} == {id(p) for p in maml.step_lrs.values()}
+    optimizer = torch.optim.Adam(param_groups(maml, cfg), lr=1e-3)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-5]
