@@ -215,9 +215,16 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         metrics = spec.step(batch)
         if not math.isfinite(metrics["loss"]):
             where = resume_file if resume_file.exists() else "none yet"
+            learned = spec.meta.lslr or spec.meta.learn_inner_lr
+            fix = (
+                "The inner rates are learned: lower meta.rate_lr (their Adam rate) or turn them off "
+                "(meta.lslr / meta.learn_inner_lr), and start again"
+                if learned
+                else "Lower meta.outer_lr or meta.inner_lr and resume"
+            )
             raise TrainingDiverged(
                 f"stage {spec.name}: the meta-loss became {metrics['loss']} at iteration {it + 1}; "
-                f"last good checkpoint: {where}. Lower meta.outer_lr or meta.inner_lr and resume"
+                f"last good checkpoint: {where}. {fix}"
             )
         if spec.on_gradients is not None:
             spec.on_gradients(spec.module)
