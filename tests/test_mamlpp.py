@@ -206,7 +206,8 @@ def test_per_step_bn_is_meta_learned_not_adapted():
         maml.step_norms["block1__norm__weight"][1].fill_(3.0)
     assert float(maml.norms_at(2)["block1.norm.weight"][0].detach()) == 3.0
     assert maml.norms_at(0) == {}
-    assert float(maml.norms_at(7)["block1.norm.weight"][0].detach()) == 3.0  # past the trained steps: the last
+    # past the trained steps: the last trained step's
+    assert float(maml.norms_at(7)["block1.norm.weight"][0].detach()) == 3.0
 
 
 @pytest.mark.parametrize("batching", STRATEGIES)
