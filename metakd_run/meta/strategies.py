@@ -423,9 +423,11 @@ def resolve_batching(choice: str, model: nn.Module, device: torch.device | str |
       large kernels, and the loop launches hundreds of tiny ones per task.
     - Convolutional networks on a CPU: ``loop``. Convolutions there are compute-bound; vmapped
       convolutions ran at about 0.4x the reference, grouped ones (``batched``) 0.5-0.7x on the
-      paper's shapes (each layer's activations for several tasks fall out of cache), while the loop
-      runs the reference's arithmetic with less overhead. Presets with small shapes where the grouped
-      convolutions win (the Omniglot CPU preset, 1.2x) set ``meta.batching=batched`` themselves.
+      paper's shapes with one thread; with two threads on an AVX-512 machine 0.6-1.3x on the
+      Omniglot shapes (unstable between runs) and 0.7-0.8x on miniImageNet's, while the loop runs
+      the reference's arithmetic (0.95-1.03x in every cell of two runs). Presets with small shapes
+      where the grouped convolutions win (the Omniglot CPU preset, 1.2x) set
+      ``meta.batching=batched`` themselves.
     - Anything else: ``vmap`` (it needs nothing from the model).
 
     The README's "Speed" section has the figures and the commands that measure them.
