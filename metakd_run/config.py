@@ -265,7 +265,7 @@ class MetaConfig:
             not (self.lslr and self.learn_inner_lr),
             "meta.lslr",
             self.lslr,
-            "is a learned rate per tensor and step, meta.learn_inner_lr one per entry: set one false",
+            "meta.learn_inner_lr=true learns a rate per entry, LSLR one per tensor and step; set one false",
         )
 
 

@@ -32,6 +32,18 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core box.
+    A module takes it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def metakd_run_exe() -> list[str]:
     exe = shutil.which("metakd-run", path=str(Path(sys.executable).parent))
     return [exe] if exe else [sys.executable, "-m", "metakd_run.cli"]

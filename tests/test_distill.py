@@ -16,14 +16,7 @@ from metakd_run.meta.maml import MAML
 from metakd_run.models import feature_shapes
 from metakd_run.models.mlp import MLP
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STRATEGIES = ["loop", "vmap", "batched"]

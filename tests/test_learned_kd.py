@@ -30,12 +30,7 @@ STRATEGIES = ["loop", "vmap", "batched"]
 LR, STEPS, WEIGHT, TEMPERATURE = 0.3, 2, 0.7, 2.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- (1) any family into any family ------------------------------------------------------------------

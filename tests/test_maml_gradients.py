@@ -27,13 +27,7 @@ if os.environ.get("METAKD_TEST_DEVICE", "cpu").startswith("cuda"):
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_meta_grad(model: MLP, batch, lr: float, steps: int, first_order: bool, lrs=None):

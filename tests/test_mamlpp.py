@@ -22,12 +22,7 @@ from tests.conftest import read_summary
 STRATEGIES = ["loop", "vmap", "batched"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -266,22 +261,15 @@ def test_first_order_until_switches_to_second_order(sine):
 def test_mamlpp_preset_runs_end_to_end_and_logs_the_rates(run_cli, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from tests.test_cli_images import TINY_IMAGES
     from tests.test_data_images import make_mini
 
     root = make_mini(tmp_path / "data")
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "experiment=miniimagenet_5w1s",
+        *(a for a in TINY_IMAGES if not a.startswith("meta.inner_steps=")),
         "meta=mamlpp",
-        "dataset.ways=2",
-        "dataset.queries=2",
-        "dataset.image_size=20",
-        "teacher.filters=4",
-        "student.filters=2",
-        "teacher.blocks=2",
-        "student.blocks=2",
-        "meta.inner_steps=2",
-        "eval.split=val",
+        "meta.inner_steps=2",  # two steps, so the per-step norms and the multi-step loss act
         "kd.inner=true",
         f"dataset.root={root}",
         f"dataset.cache_dir={tmp_path / 'cache'}",

@@ -14,7 +14,7 @@ strategy's second-order meta-gradient through our norm equals the per-task loop.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -37,13 +37,7 @@ Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_close(a: Tensor, b: Tensor, tol: float = 1e-12) -> None:

@@ -22,12 +22,7 @@ STRATEGIES = ["loop", "vmap", "batched"]
 WAYS, SHOTS, QUERIES, SIZE = 3, 2, 4, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_tasks(tasks: int = 4, seed: int = 0, shuffle: bool = True) -> TaskBatch:

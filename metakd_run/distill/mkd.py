@@ -149,8 +149,7 @@ class MetaDistillation:
                 query_x = torch.cat([query_x, batch.transfer_x], dim=1)
             extra = self.teacher_targets(batch, query_x)
             metrics = self.student.meta_backward(batch, self.objective, extra, query_x=query_x)
-        rates = self.student.learned_rates() if isinstance(self.student, MAML) else {}
-        return {**metrics, **rates, **self.distiller.learned_values(self.weight)}
+        return {**metrics, **self.distiller.learned_values(self.weight)}
 
     def _inner_meta_backward(self, batch: TaskBatch) -> dict[str, float]:
         total = batch.num_tasks
@@ -162,7 +161,8 @@ class MetaDistillation:
             return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
 
         metrics = self.student.strategy.chunked(backward_piece, batch, targets)
-        return {k: float(v.mean()) for k, v in metrics.items()}
+        # the student's own meta_backward (outer mode) adds its learned rates; this path bypasses it
+        return {**{k: float(v.mean()) for k, v in metrics.items()}, **self.student.learned_rates()}
 
 
 def support_inputs(batch: TaskBatch) -> Tensor:

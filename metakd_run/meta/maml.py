@@ -54,10 +54,16 @@ class MAML(MetaLearner):
         # MAML++'s per-step batch norm: the norms' weights and biases are meta-learned per step and
         # not adapted (as in Antoniou et al.'s code); the model's own serve step 0
         self.norm_names = norm_parameters(model) if cfg.per_step_bn else []
+        # said when training starts (begin_iteration), not during the pre-flight, whose errors come alone
+        self._notes = []
         if cfg.per_step_bn and not self.norm_names:
-            _say_once(f"meta.per_step_bn: the {type(model).__name__} model has no batch norm, nothing to do")
+            self._notes.append(
+                f"meta.per_step_bn: the {type(model).__name__} model has no batch norm, nothing to do"
+            )
         if (cfg.msl or cfg.per_step_bn) and cfg.inner_steps < 2:
-            _say_once(f"meta.msl and meta.per_step_bn change nothing with meta.inner_steps={cfg.inner_steps}")
+            self._notes.append(
+                f"meta.msl and meta.per_step_bn change nothing with meta.inner_steps={cfg.inner_steps}"
+            )
         adapted = [
             n
             for n, _ in model.named_parameters()
@@ -129,6 +135,11 @@ class MAML(MetaLearner):
         """Whether this meta-iteration differentiates the inner gradients: not first-order MAML, and
         past MAML++'s first-order start (``meta.first_order_until`` of the stage)."""
         return not self.cfg.first_order and self.progress >= self.cfg.first_order_until
+
+    def begin_iteration(self, iteration: int, total: int) -> None:
+        super().begin_iteration(iteration, total)
+        for note in self._notes:
+            _say_once(note)
 
     def msl_weights(self) -> list[float] | None:
         """This meta-iteration's multi-step loss weights, or None when only the last step counts."""
