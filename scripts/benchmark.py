@@ -1,6 +1,10 @@
 """Meta-training speed: our strategies against the per-task autograd loop the older libraries use.
 
-For each shape it first checks that every strategy gives the reference meta-gradient (float64),
+The reference is written independently of ``metakd_run``: the same architecture built from plain
+``torch.nn`` layers (``nn.BatchNorm2d`` without running statistics, as higher's and learn2learn's
+examples build it) with the same parameter values, and a per-task loop over ``functional_call``
+and ``torch.autograd.grad``. For each shape it first checks that every strategy gives the
+reference meta-gradient (float64),
 then times second- and first-order meta-steps of the reference, every strategy and ``auto``'s
 choice (and the distillation step) in ONE process, taking turns: round 1 runs A B C, round 2
 C B A, and so on. Each strategy's speed-up is the ratio to the reference within each round,
@@ -14,6 +18,10 @@ Results go to ``<out>/benchmark.json`` and ``<out>/benchmark.md``.
     python scripts/benchmark.py --shapes sinusoid --threads 1
     python scripts/benchmark.py --shapes omniglot_5w1s --threads 2 --no-distill
     python scripts/benchmark.py --device cuda --threads 0 --repeats 3 --no-distill
+
+On convolutional shapes two more rows: ``loop, previous version`` (the loop as it was before this
+version: batch norm from primitive ops, the whole meta-batch in one graph; see ``models/norm.py``),
+and, with ``--bf16``, ``auto``'s strategy under ``torch.autocast(dtype=torch.bfloat16)``.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from metakd_run.meta.strategies import resolve_batching
 from metakd_run.models import feature_shapes
 from metakd_run.models.conv4 import Conv4
 from metakd_run.models.mlp import MLP
+from metakd_run.models.norm import primitive_batch_norm
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,40 @@ def make_batch(shape: Shape, tasks: int, seed: int = 0) -> TaskBatch:
     )
 
 
+def reference_model(shape: Shape, width: int) -> torch.nn.Module:
+    """``make_model``'s architecture in plain ``torch.nn`` layers, as users of the older libraries write it.
+
+    Its parameters come in the same order as ours (``copy_parameters``).
+    """
+    nn = torch.nn
+    if shape.kind == "regression":
+        return nn.Sequential(
+            nn.Linear(1, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1)
+        )
+    layers: list[nn.Module] = []
+    channels, size = shape.in_shape[0], shape.in_shape[1]
+    for _ in range(4):
+        layers += [
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.BatchNorm2d(width, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels, size = width, size // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * size * size, shape.ways))
+
+
+def copy_parameters(src: torch.nn.Module, dst: torch.nn.Module) -> torch.nn.Module:
+    """``dst`` with ``src``'s parameter values, matched by order (and checked by shape)."""
+    pairs = list(zip(src.parameters(), dst.parameters(), strict=True))
+    with torch.no_grad():
+        for a, b in pairs:
+            if a.shape != b.shape:
+                raise ValueError(f"reference parameter shape {tuple(b.shape)} != ours {tuple(a.shape)}")
+            b.copy_(a)
+    return dst
+
+
 def reference_step(
     model: torch.nn.Module, kind: str, batch: TaskBatch, lr: float, steps: int, first_order: bool
 ) -> None:
@@ -105,12 +148,12 @@ def reference_step(
     for t in range(batch.num_tasks):
         fast = params
         for _ in range(steps):
-            out, _ = functional_call(model, fast, (batch.support_x[t],))
+            out = functional_call(model, fast, (batch.support_x[t],))
             grads = torch.autograd.grad(
                 loss_fn(out, batch.support_y[t]), list(fast.values()), create_graph=not first_order
             )
             fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
-        out, _ = functional_call(model, fast, (batch.query_x[t],))
+        out = functional_call(model, fast, (batch.query_x[t],))
         total = total + loss_fn(out, batch.query_y[t])
     (total / batch.num_tasks).backward()
 
@@ -130,13 +173,30 @@ def step_fn(
     batch = make_batch(shape, meta_batch or shape.meta_batch).to(device)
     model = make_model(shape, shape.width).to(device)
     if strategy == "reference":
+        model = copy_parameters(model, reference_model(shape, shape.width).to(device))
 
         def run() -> None:
             model.zero_grad(set_to_none=True)
             reference_step(model, shape.kind, batch, shape.inner_lr, steps, first_order)
 
         return run, model
-    cfg = MetaConfig(inner_lr=shape.inner_lr, inner_steps=steps, first_order=first_order, batching=strategy)
+    previous = strategy == "previous"  # the loop before this version: primitive norm, one graph
+    cfg = MetaConfig(
+        inner_lr=shape.inner_lr,
+        inner_steps=steps,
+        first_order=first_order,
+        batching="loop" if previous else strategy,
+        chunk=batch.num_tasks if previous else 0,
+    )
+    if previous:
+        learner = MAML(model, shape.kind, cfg)
+
+        def run_previous() -> None:
+            model.zero_grad(set_to_none=True)
+            with primitive_batch_norm():
+                learner.meta_backward(batch)
+
+        return run_previous, model
     if not distill:
         learner = MAML(model, shape.kind, cfg)
 
@@ -183,8 +243,12 @@ def build_candidates(
     distill: bool,
     meta_batch: int | None = None,
     inner_steps: int | None = None,
+    bf16: bool = False,
 ) -> list[Candidate]:
-    """The reference, each strategy (``auto``'s choice marked, added if not listed), and the KD step."""
+    """The reference, each strategy (``auto``'s choice marked, added if not listed), and the KD step.
+
+    Convolutional shapes add the previous version's loop and, with ``bf16``, ``auto`` under autocast.
+    """
     auto = resolve_batching("auto", make_model(shape, 1).to(device))
     cands = [Candidate("reference", "reference", step_fn(shape, "reference", first_order, device)[0])]
     for strategy in dict.fromkeys([*strategies, auto]):
@@ -196,10 +260,34 @@ def build_candidates(
     if meta_batch is not None or inner_steps is not None:
         ref_run, _ = step_fn(shape, "reference", first_order, device, False, meta_batch, inner_steps)
         cands[0] = Candidate("reference", "reference", ref_run)
+    elif shape.kind == "classification":
+        cands.append(
+            Candidate(
+                "loop, previous version", "previous", step_fn(shape, "previous", first_order, device)[0]
+            )
+        )
+        if bf16:
+            cands.append(
+                Candidate(
+                    f"{auto} (auto), bf16 autocast",
+                    auto,
+                    autocast(step_fn(shape, auto, first_order, device)[0], device),
+                )
+            )
     if distill:
         run, _ = step_fn(shape, auto, first_order, device, True)
         cands.append(Candidate(f"distill ({auto})", auto, run, distill=True))
     return cands
+
+
+def autocast(run: Callable[[], None], device: str) -> Callable[[], None]:
+    """``run`` under bf16 autocast: convolutions and matrix products in bfloat16, the rest in float32."""
+
+    def run_bf16() -> None:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            run()
+
+    return run_bf16
 
 
 def _sync(device: str) -> Callable[[], None]:
@@ -306,7 +394,9 @@ def matmul_peak_gflops(device: str, n: int = 2048, repeats: int = 5) -> float:
 def measure_order(shape: Shape, order: str, args: argparse.Namespace, peak: float) -> list[dict]:
     """Interleaved timings, pairwise ratios, FLOP rate and peak memory of every candidate of one order."""
     first_order = order == "first"
-    cands = build_candidates(shape, args.strategies, first_order, args.device, not args.no_distill)
+    cands = build_candidates(
+        shape, args.strategies, first_order, args.device, not args.no_distill, bf16=args.bf16
+    )
     rounds = args.repeats or DEFAULT_ROUNDS[shape.kind]
     times = interleave(cands, rounds, args.warmup, args.min_time, args.device)
     ref = times["reference"]
@@ -359,7 +449,7 @@ def check_gradients(shape: Shape, strategies: list[str], device: str) -> dict[st
             ref_run, ref_model = step_fn(small, "reference", first_order, device)
             ref_run()
             ref = torch.cat([p.grad.flatten() for p in ref_model.parameters()])
-            for strategy in strategies:
+            for strategy in [*strategies, *(["previous"] if shape.kind == "classification" else [])]:
                 try:
                     run, model = step_fn(small, strategy, first_order, device)
                 except ValueError:
@@ -414,6 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per timed sample (at least)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument(
+        "--bf16", action="store_true", help="image shapes: add auto's strategy under bf16 autocast"
+    )
     ap.add_argument("--no-check", action="store_true", help="skip the float64 meta-gradient check")
     ap.add_argument(
         "--scaling", nargs="*", default=[], help="shapes for the meta-batch/inner-steps tables (slow)"

@@ -246,7 +246,7 @@ def test_conv4_batched_runs_in_chunks_and_evaluates_like_the_loop():
     batch = _conv_batch(tasks=6)
     auto = MAML(model, "classification", MetaConfig(inner_lr=0.3, inner_steps=2, batching="batched"))
     loop = MAML(model, "classification", MetaConfig(inner_lr=0.3, inner_steps=2))
-    assert (auto.batching, auto.chunk, loop.batching) == ("batched", 4, "loop")
+    assert (auto.batching, auto.chunk, loop.batching, loop.chunk) == ("batched", 4, "loop", 1)
     for a, b in zip(auto.adaptation_curve(batch, 3).values(), loop.adaptation_curve(batch, 3).values()):
         assert torch.allclose(a, b, atol=1e-10)
     out_a = auto.adapted_outputs(batch.support_x, batch.support_y, batch.query_x)

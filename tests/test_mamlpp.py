@@ -208,6 +208,7 @@ def test_per_step_bn_is_meta_learned_not_adapted():
 @pytest.mark.parametrize("batching", STRATEGIES)
 def test_per_step_bn_meta_gradient_matches_a_per_task_reference(images, batching):
     maml = image_maml(inner_steps=3, per_step_bn=True, lslr=True, batching=batching)
+    assert {p.dtype for p in maml.parameters()} == {torch.float64}  # the rates and norms follow the model
     with torch.no_grad():  # make every step's norms and rates differ
         for p in [*maml.step_norms.values(), *maml.step_lrs.values()]:
             p.add_(torch.rand_like(p) * 0.2)

@@ -6,13 +6,16 @@ are kept here, independent of ``metakd_run.meta``, to pin down the models' own b
 last tests hold ``metakd_run.meta``'s strategies to the plain loop on these models.
 
 Batch norm is the delicate part: ``F.batch_norm``'s vmap batching rule gives wrong second-order
-gradients (functorch issue 534), so our models normalise with ``batch_norm_2d`` (primitive ops).
-What we rely on is checked strictly: no model ever calls a torch batch-norm function, and every
-strategy's second-order meta-gradient through our norm equals the per-task loop.
+gradients (functorch issue 534), so under ``torch.func`` transforms our models normalise with
+primitive ops, and with torch's fused kernel elsewhere (``models/norm.py``). What we rely on is
+checked strictly: the two agree to second order, the kernel under vmap is wrong, no strategy calls
+the kernel under a transform, and every strategy's second-order meta-gradient equals the per-task
+loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -29,7 +32,7 @@ from metakd_run.data.tasks import TaskBatch
 from metakd_run.meta.maml import MAML
 from metakd_run.models import build_model, feature_shapes
 from metakd_run.models.conv4 import Conv4
-from metakd_run.models.norm import MetaBatchNorm2d
+from metakd_run.models.norm import MetaBatchNorm2d, batch_norm_2d, primitive_batch_norm
 from metakd_run.models.resnet12 import ResNet12
 
 DT = torch.float64
@@ -109,6 +112,20 @@ def test_factory_builds_image_models() -> None:
 
 
 # --- batch norm ---------------------------------------------------------------------------------
+class _TorchCalls(TorchFunctionMode):
+    """Records the name of every torch function called while active (under vmap and grad too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.transformed: list[bool] = []  # whether a torch.func transform was active at the call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.append(getattr(func, "__name__", str(func)))
+        self.transformed.append(torch._C._are_functorch_transforms_active())
+        return func(*args, **(kwargs or {}))
+
+
 def test_meta_batch_norm_matches_functional_batch_norm() -> None:
     torch.manual_seed(0)
     norm = MetaBatchNorm2d(3, eps=1e-3).to(DT)
@@ -120,6 +137,42 @@ def test_meta_batch_norm_matches_functional_batch_norm() -> None:
     _assert_close(norm(x), ref)
     norm.eval()  # batch statistics in eval too (transductive, as in MAML)
     _assert_close(norm(x), ref)
+    with primitive_batch_norm():
+        _assert_close(norm(x), ref)
+
+
+def _second_order_grads(fast: bool) -> tuple[Tensor, ...]:
+    """Gradients of a function of the first gradients through the norm: what MAML's outer step needs."""
+    gen = torch.Generator().manual_seed(0)
+    x, v = (torch.randn(6, 3, 5, 5, dtype=DT, generator=gen) for _ in range(2))
+    w, b = (torch.randn(3, dtype=DT, generator=gen) for _ in range(2))
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    with contextlib.nullcontext() if fast else primitive_batch_norm(), _TorchCalls() as calls:
+        out = batch_norm_2d(x, w, b)
+        first = torch.autograd.grad((out * v).sin().sum(), [x, w, b], create_graph=True)
+    assert ("batch_norm" in calls.names) == fast  # the switch really chose the kernel it names
+    return torch.autograd.grad(sum((g * g).sum() for g in first), [x, w, b])
+
+
+def test_fused_and_primitive_batch_norm_agree_to_second_order() -> None:
+    fused, primitive = _second_order_grads(True), _second_order_grads(False)
+    for a, b in zip(fused, primitive):
+        assert a.abs().max() > 1e-3  # not vacuous
+        _assert_close(a, b, 1e-10)
+
+
+def test_fused_batch_norm_under_vmap_gets_second_order_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why the primitive version exists (functorch issue 534): the fused kernel forced under vmap.
+
+    If this fails, torch has fixed the batching rule and ``models/norm.py`` could drop its switch.
+    """
+    model, params = _tiny_net()
+    batch = _tasks((1, 6, 6), 3)
+    monkeypatch.setattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+    wrong = meta_grad_vmap(model, params, batch, LR)
+    monkeypatch.undo()
+    assert _max_diff(wrong, meta_grad_loop(model, params, batch, LR)) > 1e-2
+    assert wrong["block1.conv.bias"].abs().max() > 1e-2  # its true meta-gradient is 0
 
 
 # --- a tiny second-order MAML, two ways ---------------------------------------------------------
@@ -260,22 +313,11 @@ STRATEGY_CASES = [("conv4", s) for s in ("loop", "vmap", "batched")] + [
 ]
 
 
-class _TorchCalls(TorchFunctionMode):
-    """Records the name of every torch function called while active (under vmap and grad too)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.names.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
-
-
-def _batch_norm_calls(run: Callable[[], object]) -> list[str]:
+def _batch_norm_calls(run: Callable[[], object]) -> list[tuple[str, bool]]:
+    """Each torch batch-norm call ``run`` makes, with whether a ``torch.func`` transform was active."""
     with _TorchCalls() as calls:
         run()
-    return [n for n in calls.names if "batch_norm" in n]
+    return [(n, t) for n, t in zip(calls.names, calls.transformed) if "batch_norm" in n]
 
 
 def _learner(name: str, batching: str) -> tuple[MAML, Params, tuple[int, ...]]:
@@ -297,14 +339,18 @@ def _learner(name: str, batching: str) -> tuple[MAML, Params, tuple[int, ...]]:
 def test_the_recorder_sees_functional_batch_norm_under_vmap() -> None:
     """The control for the test below: an empty record there means no call, not a blind recorder."""
     norm = nn.BatchNorm2d(3, track_running_stats=False).to(DT)
-    assert _batch_norm_calls(lambda: vmap(norm)(torch.randn(2, 4, 3, 5, 5, dtype=DT))) == ["batch_norm"]
+    calls = _batch_norm_calls(lambda: vmap(norm)(torch.randn(2, 4, 3, 5, 5, dtype=DT)))
+    assert calls == [("batch_norm", True)]
 
 
 @pytest.mark.parametrize(("name", "batching"), STRATEGY_CASES)
-def test_models_never_call_torch_batch_norm(name: str, batching: str) -> None:
+def test_no_strategy_calls_the_fused_batch_norm_under_a_transform(name: str, batching: str) -> None:
     maml, _, in_shape = _learner(name, batching)
     batch = TaskBatch(*_tasks(in_shape, 3))
-    assert _batch_norm_calls(lambda: (maml.meta_backward(batch), maml.adaptation_curve(batch, 1))) == []
+    calls = _batch_norm_calls(lambda: (maml.meta_backward(batch), maml.adaptation_curve(batch, 1)))
+    assert not any(transformed for _, transformed in calls)
+    # vmap runs every norm under its transform (primitive ops); the others take the fast kernel
+    assert bool(calls) == (batching != "vmap")
 
 
 # METAKD_TEST_DEVICE=cuda adds a CUDA case below (skipped where torch sees no GPU): scripts/gpu_check.py

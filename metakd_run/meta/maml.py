@@ -82,10 +82,11 @@ class MAML(MetaLearner):
         else:
             self.inner_lrs = None
         # MAML++'s LSLR: one learned rate per adapted tensor and per inner step, initialised at inner_lr
+        # (in the model's dtype and device, like Meta-SGD's rates above)
         steps = max(cfg.inner_steps, 1)
         self.step_lrs = (
             nn.ParameterDict(
-                {_key(n): nn.Parameter(torch.full((steps,), cfg.inner_lr)) for n in self.adapted}
+                {_key(n): nn.Parameter(named[n].new_full((steps,), cfg.inner_lr)) for n in self.adapted}
             )
             if cfg.lslr
             else None

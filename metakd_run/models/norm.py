@@ -5,24 +5,62 @@ Finn et al. (2017) normalise every forward pass with the statistics of the image
 running averages. So the layer below has the same behaviour in ``train()`` and ``eval()``, and no
 buffers, which keeps ``torch.func.functional_call`` with a plain parameter dict sufficient.
 
-Why not ``F.batch_norm(x, None, None, w, b, training=True)``: on torch 2.13 (CPU at least) its
-batching rule gives wrong second-order gradients when it runs under ``torch.func.vmap`` inside a
-``torch.func.grad`` inner step (functorch issue 534). A conv bias right before the norm, whose
-true meta-gradient is exactly 0, gets about 1e-3, and other entries are off by up to 7e-2. The
-same computation written with primitive ops (mean, subtraction, square, rsqrt) is exact under the
-same transforms; ``tests/test_models_image.py`` checks both facts.
+Two implementations of the same function, chosen per call:
+
+- Outside any ``torch.func`` transform (the ``loop`` and ``batched`` strategies, evaluation):
+  torch's own fused kernel, ``F.batch_norm(x, None, None, w, b, training=True)``. Its double
+  backward is exact, and it is what a hand-written loop over ``nn.BatchNorm2d`` runs: on the
+  2-core CPU, the second-order conv4 meta-step ran 1.2-1.3x faster with it than with the
+  primitive version (``scripts/benchmark.py``'s ``loop, primitive batch norm`` row).
+- Under ``vmap``/``grad`` (the ``vmap`` strategy, :meth:`MAML.adapt`): the same computation written
+  with primitive ops (mean, subtraction, square, rsqrt). On torch 2.13 (CPU at least) the fused
+  kernel's batching rule gives wrong second-order gradients when it runs under ``torch.func.vmap``
+  inside a ``torch.func.grad`` inner step (functorch issue 534): a conv bias right before the norm,
+  whose true meta-gradient is exactly 0, gets about 1e-3, and other entries are off by up to 7e-2.
+  The primitive version is exact under the same transforms.
+
+``tests/test_models_image.py`` checks all three facts: the kernel's double backward equals the
+primitive version's in float64, the vmapped kernel is wrong, and no strategy ever calls the kernel
+under a transform.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+_force_primitive = False
+
+
+@contextmanager
+def primitive_batch_norm() -> Iterator[None]:
+    """Use the primitive-op batch norm everywhere while active (tests and the benchmark compare them)."""
+    global _force_primitive
+    previous, _force_primitive = _force_primitive, True
+    try:
+        yield
+    finally:
+        _force_primitive = previous
 
 
 def batch_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """Normalise ``x`` ``[N, C, H, W]`` per channel over ``(N, H, W)`` with the biased variance.
 
-    Built from primitive ops only, so that ``vmap``/``grad``/double backward compose exactly.
+    torch's fused kernel when no ``torch.func`` transform is active (faster, exact double backward);
+    otherwise :func:`primitive_batch_norm_2d`.
+    """
+    if _force_primitive or torch._C._are_functorch_transforms_active():
+        return primitive_batch_norm_2d(x, weight, bias, eps)
+    return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+
+
+def primitive_batch_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """:func:`batch_norm_2d` from primitive ops only: ``vmap``/``grad``/double backward compose exactly.
+
     ``sum * (1/n)`` rather than ``mean``: mean's backward materialises a full-size division, the
     sum's is a broadcast view (about 10x cheaper on CPU); ``c * c`` is cheaper than ``square``.
     """
