@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch.func import functional_call
@@ -52,6 +53,8 @@ from metakd_run.models import feature_shapes
 from metakd_run.models.conv4 import Conv4
 from metakd_run.models.mlp import MLP
 from metakd_run.models.norm import primitive_batch_norm
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,16 @@ def flops_of(run: Callable[[], None]) -> int | None:
     return int(counter.get_total_flops())
 
 
+def serially(measure: Callable[..., T], *args: Any) -> T:
+    """``measure(*args)`` with one intra-op thread (then restored): no task runs in another thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def peak_memory_mb(run: Callable[[], None], device: str) -> float:
     """Peak memory one meta-step allocates beyond what was held before it, in MB.
 
@@ -403,7 +416,10 @@ def measure_order(shape: Shape, order: str, args: argparse.Namespace, peak: floa
     rows = []
     for c in cands:
         t = times[c.label]
-        flops = flops_of(c.run)
+        # FLOPs and memory with one thread: the profiler and FlopCounterMode see only this thread,
+        # and the loop's task threads (LoopStrategy.backward) do the same arithmetic one task at a
+        # time then. With N threads the loop holds up to N tasks' graphs at once.
+        flops = serially(flops_of, c.run)
         sec = statistics.median(t)
         row = {
             "shape": shape.name,
@@ -417,7 +433,7 @@ def measure_order(shape: Shape, order: str, args: argparse.Namespace, peak: floa
             "ratio": None if c.distill else spread([a / b for a, b in zip(ref, t)]),
             "gflops": None if flops is None else flops / sec / 1e9,
             "peak_fraction": None if flops is None else flops / sec / 1e9 / peak,
-            "peak_mb": peak_memory_mb(c.run, args.device),
+            "peak_mb": serially(peak_memory_mb, c.run, args.device),
         }
         rows.append(row)
         ratio = row["ratio"]
@@ -624,6 +640,9 @@ def markdown(name: str, shape: Shape, entry: dict) -> list[str]:
         )
     s = entry["sampling"]
     lines += [
+        "",
+        "GFLOP/s and peak MB are measured with one thread (the loop then runs one task at a time; "
+        "with N threads it runs N tasks at once, holding up to N tasks' graphs).",
         "",
         f"episode sampling: {s['sample_s'] * 1000:.2f} ms per meta-batch = "
         f"{100 * s['fraction_of_iteration']:.2f}% of a meta-iteration of the fastest strategy",

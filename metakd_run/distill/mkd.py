@@ -26,13 +26,13 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad
+from torch.func import grad
 
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.distill.losses import OUTPUT, Distiller
 from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
-from metakd_run.meta.strategies import TASK_LOSS, Params
+from metakd_run.meta.strategies import TASK_LOSS, Params, call_model
 
 Learner = MAML | ProtoNet
 
@@ -108,7 +108,7 @@ class MetaDistillation:
             x: Tensor, y: Tensor, teacher: dict[str, Tensor], qx: Tensor, qy: Tensor
         ) -> tuple[Tensor, dict[str, Tensor]]:
             def support_loss(fast: Params, fixed: Params) -> tuple[Tensor, Tensor]:
-                out, feats = functional_call(student.model, {**fixed, **fast}, (x,))
+                out, feats = call_model(student.model, {**fixed, **fast}, x)
                 terms = self.distiller.terms({**feats, OUTPUT: out}, teacher)
                 return task_loss(out[:shots], y) + self.weight * self.distiller.weigh(terms), terms.mean()
 
@@ -122,7 +122,7 @@ class MetaDistillation:
                 fast = {n: fast[n] - rates[n] * grads[n] for n in adapted}
                 first_distance = distance if first_distance is None else first_distance
                 if weight:
-                    out, _ = functional_call(student.model, {**fixed, **fast}, (qx,))
+                    out, _ = call_model(student.model, {**fixed, **fast}, qx)
                     step_loss, aux = student.query_loss(out, qy)
                     loss = loss + weight * step_loss
             return loss, {**aux, "kd_loss": first_distance.detach()}
@@ -148,19 +148,24 @@ class MetaDistillation:
             if batch.transfer_x is not None:
                 query_x = torch.cat([query_x, batch.transfer_x], dim=1)
             extra = self.teacher_targets(batch, query_x)
-            metrics = self.student.meta_backward(batch, self.objective, extra, query_x=query_x)
+            metrics = self.student.meta_backward(
+                batch, self.objective, extra, query_x=query_x, wrt=self.trained_parameters()
+            )
         return {**metrics, **self.distiller.learned_values(self.weight)}
+
+    def trained_parameters(self) -> list[Tensor]:
+        """What a distillation step trains: the student's and the distiller's parameters."""
+        return [*self.student.parameters(), *self.distiller.parameters()]
 
     def _inner_meta_backward(self, batch: TaskBatch) -> dict[str, float]:
         total = batch.num_tasks
         targets = self.teacher_targets(batch, support_inputs(batch))
 
-        def backward_piece(part: TaskBatch, part_targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        def piece(part: TaskBatch, part_targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
             losses, aux = self.inner_task_losses(part, part_targets)
-            (losses.sum() / total).backward()
-            return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+            return losses.sum() / total, {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
 
-        metrics = self.student.strategy.chunked(backward_piece, batch, targets)
+        metrics = self.student.strategy.backward(piece, self.trained_parameters(), batch, targets)
         # the student's own meta_backward (outer mode) adds its learned rates; this path bypasses it
         return {**{k: float(v.mean()) for k, v in metrics.items()}, **self.student.learned_rates()}
 

@@ -252,11 +252,14 @@ class MAML(MetaLearner):
         objective: Objective | None = None,
         extra: Mapping[str, Tensor] | None = None,
         query_x: Tensor | None = None,
+        wrt: Sequence[Tensor] | None = None,
     ) -> dict[str, float]:
         """Accumulate the meta-gradient of the mean outer loss into ``.grad``; return mean metrics.
 
         With ``meta.chunk`` (or the strategy's default) the tasks go through in pieces whose
-        gradients add up to the same result, so peak memory is bounded by the piece.
+        gradients add up to the same result, so peak memory is bounded by the piece. ``wrt``: every
+        parameter the loss reaches (default: this learner's; an ``objective`` with parameters of its
+        own adds them), for a strategy that runs pieces concurrently (:meth:`Strategy.backward`).
         """
         total = batch.num_tasks
 
@@ -268,18 +271,22 @@ class MAML(MetaLearner):
             and self.msl_weights() is None
         )
 
-        def backward_piece(
-            part: TaskBatch, part_extra: dict[str, Tensor], part_qx: Tensor
-        ) -> dict[str, Tensor]:
-            if closed_form:
-                losses, aux = self._closed_form_backward(part, total)
-            else:
-                losses, aux = self.task_losses(part, objective, part_extra, part_qx)
-                (losses.sum() / total).backward()
+        def closed_form_piece(part: TaskBatch) -> dict[str, Tensor]:
+            losses, aux = self._closed_form_backward(part, total)
             return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
 
-        qx = batch.query_x if query_x is None else query_x
-        metrics = self.strategy.chunked(backward_piece, batch, dict(extra or {}), qx)
+        def piece(
+            part: TaskBatch, part_extra: dict[str, Tensor], part_qx: Tensor
+        ) -> tuple[Tensor, dict[str, Tensor]]:
+            losses, aux = self.task_losses(part, objective, part_extra, part_qx)
+            return losses.sum() / total, {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+
+        if closed_form:
+            metrics = self.strategy.chunked(closed_form_piece, batch)
+        else:
+            qx = batch.query_x if query_x is None else query_x
+            params = list(self.parameters()) if wrt is None else wrt
+            metrics = self.strategy.backward(piece, params, batch, dict(extra or {}), qx)
         return {**{k: float(v.mean()) for k, v in metrics.items()}, **self.learned_rates()}
 
     def learned_rates(self) -> dict[str, float]:

@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn import functional as F
 
 from metakd_run.config import MetaConfig
@@ -42,6 +41,7 @@ from metakd_run.meta.strategies import (
     Params,
     Rates,
     accuracy,
+    call_model,
     losses_per_task,
 )
 
@@ -91,7 +91,7 @@ class ProtoNet(MetaLearner):
     ) -> Params:
         """ONE task's prototypes from its support set ``x [S, ...]``, ``y [S]``, as the head's weights."""
         weight, bias = f"{self.head_prefix}weight", f"{self.head_prefix}bias"
-        _, feats = functional_call(self.model, params, (x,))
+        _, feats = call_model(self.model, params, x)
         protos = prototypes(feats[self.tap].flatten(1), y, params[weight].shape[0])
         if protos.shape != params[weight].shape:
             raise ValueError(
@@ -146,22 +146,24 @@ class ProtoNet(MetaLearner):
         objective: Objective | None = None,
         extra: Mapping[str, Tensor] | None = None,
         query_x: Tensor | None = None,
+        wrt: Sequence[Tensor] | None = None,
     ) -> dict[str, float]:
         """Accumulate the gradient of the mean outer loss into ``.grad``; return mean metrics.
 
-        With ``meta.chunk`` the tasks go through in pieces whose gradients add up to the same result.
+        With ``meta.chunk`` the tasks go through in pieces whose gradients add up to the same result;
+        ``wrt`` as in :meth:`MAML.meta_backward`.
         """
         total = batch.num_tasks
 
-        def backward_piece(
+        def piece(
             part: TaskBatch, part_extra: dict[str, Tensor], part_qx: Tensor
-        ) -> dict[str, Tensor]:
+        ) -> tuple[Tensor, dict[str, Tensor]]:
             losses, aux = self.task_losses(part, objective, part_extra, part_qx)
-            (losses.sum() / total).backward()
-            return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+            return losses.sum() / total, {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
 
         qx = batch.query_x if query_x is None else query_x
-        metrics = self.strategy.chunked(backward_piece, batch, dict(extra or {}), qx)
+        params = list(self.parameters()) if wrt is None else wrt
+        metrics = self.strategy.backward(piece, params, batch, dict(extra or {}), qx)
         return {k: float(v.mean()) for k, v in metrics.items()}
 
     @torch.no_grad()
