@@ -7,7 +7,9 @@ which is fastest depends on the model and the shape (``scripts/benchmark.py`` me
 
 - ``loop``: a Python loop over tasks with plain ``torch.autograd.grad``; wins for convolutions on
   a CPU (vmapped convolutions are slower, and ``grad`` without the functorch layers is the same
-  arithmetic, measured 1.6x faster on conv4).
+  arithmetic, measured 1.6x faster on conv4). There, a conv model's tasks run one per graph
+  (``default_chunk``), in as many worker threads as torch has intra-op threads
+  (:meth:`LoopStrategy.backward`).
 - ``vmap``: ``torch.func.vmap`` over the per-task step, whose gradient comes from
   ``torch.func.grad``; second order comes from running it inside the graph that the outer
   ``backward`` differentiates.
@@ -510,12 +512,12 @@ def resolve_batching(choice: str, model: nn.Module, device: torch.device | str |
       shape (conv4-64, meta-batch 32, second order), ``vmap`` ran 29 meta-iterations/s,
       ``batched`` (4 tasks per grouped-convolution graph) 4.5 and ``loop`` 1.9: the GPU wants few
       large kernels, and the loop launches hundreds of tiny ones per task.
-    - Convolutional networks on a CPU: ``loop``. Convolutions there are compute-bound; vmapped
-      convolutions ran at about 0.4x the reference, grouped ones (``batched``) 0.5-0.7x on the
-      paper's shapes with one thread; with two threads on an AVX-512 machine 0.6-1.3x on the
-      Omniglot shapes (unstable between runs) and 0.7-0.8x on miniImageNet's, while the loop runs
-      the reference's arithmetic (0.95-1.03x in every cell of two runs). Presets with small shapes
-      where the grouped convolutions win (the Omniglot CPU preset, 1.2x) set
+    - Convolutional networks on a CPU: ``loop``, one task per graph, tasks in worker threads.
+      Convolutions there are compute-bound; vmapped convolutions ran at about 0.4x the reference
+      (a per-task loop over plain ``torch.nn`` layers), grouped ones (``batched``) 0.84-1.10x on
+      the Omniglot shapes and 0.90-0.95x on miniImageNet's with two threads on an AVX-512 machine,
+      while the loop ran at 1.01-1.21x (see the README's "Speed" for both runs). Presets with small
+      shapes where the grouped convolutions won before (the Omniglot CPU preset) set
       ``meta.batching=batched`` themselves.
     - Anything else: ``vmap`` (it needs nothing from the model).
 
