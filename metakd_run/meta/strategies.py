@@ -220,13 +220,13 @@ class LoopStrategy(Strategy[list[Params]]):
 
     On a CPU with several threads, a convolutional model's meta-batch is split between as many
     worker threads as ``torch.get_num_threads()``, each running its tasks with one intra-op thread
-    (:meth:`backward`). Why: a conv4 task's ops are too small to keep two cores busy each, while
-    two tasks at once do, and torch releases the GIL inside every op. Measured on the 2-core CPU,
-    interleaved against the same loop one task at a time on 2 threads: 1.12x (Omniglot 5-way
-    1-shot, second order), 1.30x (first order), 1.13x (miniImageNet 5-way 1-shot), 1.02x
-    (Omniglot 20-way, whose 300 query images per task already fill both cores). Each worker
-    owns a fixed share of the tasks and sums its gradients in task order, and the shares are
-    added in worker order, so a run is reproducible for a given thread count.
+    (:meth:`backward`). Why: a conv4 task's small support-set ops do not keep two cores busy, and
+    torch releases the GIL inside every op. Measured on the 2-core CPU, in one process each,
+    interleaved against the same loop with the threads switched off: 1.04x (Omniglot 5-way 1-shot,
+    second order) and 1.06x (first order); on miniImageNet's larger images nothing (1.00x second
+    order, 0.94x first), where one task's ops fill both cores already. Each worker owns a fixed
+    share of the tasks and sums its gradients in task order, and the shares are added in worker
+    order, so a run is reproducible for a given thread count.
     """
 
     name = "loop"
@@ -515,10 +515,11 @@ def resolve_batching(choice: str, model: nn.Module, device: torch.device | str |
     - Convolutional networks on a CPU: ``loop``, one task per graph, tasks in worker threads.
       Convolutions there are compute-bound; vmapped convolutions ran at about 0.4x the reference
       (a per-task loop over plain ``torch.nn`` layers), grouped ones (``batched``) 0.84-1.10x on
-      the Omniglot shapes and 0.90-0.95x on miniImageNet's with two threads on an AVX-512 machine,
-      while the loop ran at 1.01-1.21x (see the README's "Speed" for both runs). Presets with small
-      shapes where the grouped convolutions won before (the Omniglot CPU preset) set
-      ``meta.batching=batched`` themselves.
+      the Omniglot shapes and 0.72-0.95x on miniImageNet's with two threads on an AVX-512 machine,
+      while the loop ran at 1.01-1.21x on the Omniglot shapes and 0.75-1.10x on miniImageNet's (the
+      reference's own speed varied between processes there; the README's "Speed" has the runs).
+      Presets with small shapes where the grouped convolutions won before (the Omniglot CPU
+      preset) set ``meta.batching=batched`` themselves.
     - Anything else: ``vmap`` (it needs nothing from the model).
 
     The README's "Speed" section has the figures and the commands that measure them.
