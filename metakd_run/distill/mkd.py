@@ -32,7 +32,7 @@ from metakd_run.data.tasks import TaskBatch
 from metakd_run.distill.losses import OUTPUT, Distiller
 from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
-from metakd_run.meta.strategies import TASK_LOSS, Params, call_model
+from metakd_run.meta.strategies import TASK_LOSS, Params, call_model, piece_metrics
 
 Learner = MAML | ProtoNet
 
@@ -163,7 +163,7 @@ class MetaDistillation:
 
         def piece(part: TaskBatch, part_targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
             losses, aux = self.inner_task_losses(part, part_targets)
-            return losses.sum() / total, {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+            return losses.sum() / total, piece_metrics(losses, aux)
 
         metrics = self.student.strategy.backward(piece, self.trained_parameters(), batch, targets)
         # the student's own meta_backward (outer mode) adds its learned rates; this path bypasses it

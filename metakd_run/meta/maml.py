@@ -32,6 +32,7 @@ from metakd_run.meta.strategies import (
     Strategy,
     accuracy,
     losses_per_task,
+    piece_metrics,
     sgd_step,
 )
 from metakd_run.models.norm import MetaBatchNorm2d
@@ -274,13 +275,13 @@ class MAML(MetaLearner):
 
         def closed_form_piece(part: TaskBatch) -> dict[str, Tensor]:
             losses, aux = self._closed_form_backward(strategy, part, total)
-            return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+            return piece_metrics(losses, aux)
 
         def piece(
             part: TaskBatch, part_extra: dict[str, Tensor], part_qx: Tensor
         ) -> tuple[Tensor, dict[str, Tensor]]:
             losses, aux = self.task_losses(part, objective, part_extra, part_qx)
-            return losses.sum() / total, {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+            return losses.sum() / total, piece_metrics(losses, aux)
 
         if closed_form:
             metrics = strategy.chunked(closed_form_piece, batch)

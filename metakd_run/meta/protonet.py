@@ -43,6 +43,7 @@ from metakd_run.meta.strategies import (
     accuracy,
     call_model,
     losses_per_task,
+    piece_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class ProtoNet(MetaLearner):
             part: TaskBatch, part_extra: dict[str, Tensor], part_qx: Tensor
         ) -> tuple[Tensor, dict[str, Tensor]]:
             losses, aux = self.task_losses(part, objective, part_extra, part_qx)
-            return losses.sum() / total, {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+            return losses.sum() / total, piece_metrics(losses, aux)
 
         qx = batch.query_x if query_x is None else query_x
         params = list(self.parameters()) if wrt is None else wrt

@@ -80,6 +80,11 @@ def accuracy(out: Tensor, y: Tensor) -> Tensor:
 TASK_LOSS: dict[str, LossFn] = {"regression": mse_loss, "classification": cross_entropy}
 
 
+def piece_metrics(losses: Tensor, aux: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A piece of a meta-batch's per-task metrics, detached: ``aux`` and the losses as ``loss``."""
+    return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
+
+
 def losses_per_task(task: str, out: Tensor, y: Tensor) -> Tensor:
     """Each task's mean loss ``[T]`` for outputs ``[T, B, ...]``: ``TASK_LOSS[task]`` without vmap."""
     if task == "regression":
@@ -192,11 +197,17 @@ class Strategy(ABC, Generic[P]):
         so does every tensor ``fn`` returns. Peak memory is then bounded by the piece, not the
         meta-batch; the results are those of one call on all tasks.
         """
-        total = _num_tasks(args[0])
-        if not 0 < self.chunk < total:
+        pieces = self._pieces(_num_tasks(args[0]))
+        if len(pieces) == 1:
             return fn(*args)
-        parts = [fn(*(_cut(a, i, j) for a in args)) for i, j in _bounds(total, self.chunk)]
+        parts = [fn(*(_cut(a, i, j) for a in args)) for i, j in pieces]
         return tree_map(lambda *xs: torch.cat(xs), *parts)
+
+    def _pieces(self, total: int) -> list[tuple[int, int]]:
+        """The task ranges ``[i, j)`` a meta-batch of ``total`` tasks is cut into (``chunk`` each)."""
+        if not 0 < self.chunk < total:
+            return [(0, total)]
+        return [(i, min(i + self.chunk, total)) for i in range(0, total, self.chunk)]
 
     def backward(self, piece: Piece, wrt: Sequence[Tensor], *args: Any) -> dict[str, Tensor]:
         """``piece`` on each chunk (as :meth:`chunked`); each chunk's loss goes back into ``.grad``.
@@ -230,11 +241,12 @@ class LoopStrategy(Strategy[list[Params]]):
     """
 
     name = "loop"
+    _leaves_checked = False  # set by the first threaded step (_check_leaves)
 
     def backward(self, piece: Piece, wrt: Sequence[Tensor], *args: Any) -> dict[str, Tensor]:
-        total = _num_tasks(args[0])
-        bounds = list(_bounds(total, self.chunk)) if 0 < self.chunk < total else [(0, total)]
-        workers = min(len(bounds), torch.get_num_threads())
+        bounds = self._pieces(_num_tasks(args[0]))
+        threads = torch.get_num_threads()
+        workers = min(len(bounds), threads)
         if workers < 2 or not _has_conv(self.model) or device_of(self.model).type != "cpu":
             return super().backward(piece, wrt, *args)
         leaves = [w for w in wrt if w.requires_grad]
@@ -259,7 +271,6 @@ class LoopStrategy(Strategy[list[Params]]):
                 _THREAD.models = {}
             return grads, metrics
 
-        threads = torch.get_num_threads()
         try:
             shares = list(_pool(workers).map(share, range(workers)))
         finally:
@@ -274,7 +285,7 @@ class LoopStrategy(Strategy[list[Params]]):
 
     def _check_leaves(self, loss: Tensor, leaves: list[Tensor]) -> None:
         """Once per strategy: every leaf the loss reaches is in ``wrt`` (else a gradient would be lost)."""
-        if getattr(self, "_leaves_checked", False):
+        if self._leaves_checked:
             return
         listed = {id(t) for t in leaves}
         missing = [tuple(t.shape) for t in _graph_leaves(loss) if id(t) not in listed]
@@ -598,10 +609,6 @@ def _graph_leaves(t: Tensor) -> list[Tensor]:
             leaves.append(node.variable)
         stack.extend(n for n, _ in node.next_functions)
     return leaves
-
-
-def _bounds(total: int, chunk: int) -> Iterator[tuple[int, int]]:
-    return ((i, min(i + chunk, total)) for i in range(0, total, chunk))
 
 
 def _sgd(p: Tensor, lr: Tensor | float, g: Tensor) -> Tensor:
