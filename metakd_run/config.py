@@ -255,7 +255,7 @@ class MetaConfig:
             f"must be between 0 and meta.outer_lr ({self.outer_lr})",
         )
         check(self.meta_batch >= 1, "meta.meta_batch", self.meta_batch, "must be >= 1")
-        check(self.chunk >= 0, "meta.chunk", self.chunk, "must be >= 0 (0: the whole meta-batch)")
+        check(self.chunk >= 0, "meta.chunk", self.chunk, "must be >= 0 (0: the strategy's choice)")
         check(self.task_shards >= 0, "meta.task_shards", self.task_shards, "must be >= 0")
         check(self.rate_lr is None or self.rate_lr > 0, "meta.rate_lr", self.rate_lr, "must be > 0 or null")
         for key in ("msl_until", "first_order_until"):
