@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from metakd_run import malloc
 
-from metakd_run.checkpoint import CheckpointError
-from metakd_run.config import ConfigError, register_configs, to_typed
-from metakd_run.training import Interrupted, TrainingDiverged
+malloc.tune()  # before torch and its threads allocate: see metakd_run/malloc.py
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from metakd_run.checkpoint import CheckpointError  # noqa: E402
+from metakd_run.config import ConfigError, register_configs, to_typed  # noqa: E402
+from metakd_run.training import Interrupted, TrainingDiverged  # noqa: E402
 
 register_configs()
 

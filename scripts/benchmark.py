@@ -22,6 +22,10 @@ Results go to ``<out>/benchmark.json`` and ``<out>/benchmark.md``.
 On convolutional shapes two more rows: ``loop, previous version`` (the loop as it was before this
 version: batch norm from primitive ops, the whole meta-batch in one graph; see ``models/norm.py``),
 and, with ``--bf16``, ``auto``'s strategy under ``torch.autocast(dtype=torch.bfloat16)``.
+
+Like the console script, it sets glibc's allocator up for large buffers (``metakd_run/malloc.py``),
+so the reference runs in the same allocator state as our strategies; ``METAKD_RUN_MALLOC=system``
+keeps glibc's defaults for both.
 """
 
 from __future__ import annotations
@@ -38,21 +42,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-from torch.func import functional_call
-from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from metakd_run import malloc
 
-from metakd_run.config import MetaConfig
-from metakd_run.data.tasks import TaskBatch
-from metakd_run.distill.losses import Distiller
-from metakd_run.distill.mkd import MetaDistillation
-from metakd_run.meta.maml import MAML
-from metakd_run.meta.strategies import resolve_batching
-from metakd_run.models import feature_shapes
-from metakd_run.models.conv4 import Conv4
-from metakd_run.models.mlp import MLP
-from metakd_run.models.norm import primitive_batch_norm
+malloc.tune()  # the allocator state the console script runs in (metakd_run/malloc.py)
+
+import torch  # noqa: E402
+from torch.func import functional_call  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from metakd_run.config import MetaConfig  # noqa: E402
+from metakd_run.data.tasks import TaskBatch  # noqa: E402
+from metakd_run.distill.losses import Distiller  # noqa: E402
+from metakd_run.distill.mkd import MetaDistillation  # noqa: E402
+from metakd_run.meta.maml import MAML  # noqa: E402
+from metakd_run.meta.strategies import resolve_batching  # noqa: E402
+from metakd_run.models import feature_shapes  # noqa: E402
+from metakd_run.models.conv4 import Conv4  # noqa: E402
+from metakd_run.models.mlp import MLP  # noqa: E402
+from metakd_run.models.norm import primitive_batch_norm  # noqa: E402
 
 T = TypeVar("T")
 
@@ -547,18 +555,19 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc": "tuned" if malloc.applied else "system",
         "matmul_peak_gflops": peak,
         "argv": sys.argv[1:] if argv is None else argv,
         "shapes": {},
     }
     print(
-        f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} thread(s): "
-        f"fp32 matmul peak {peak:.1f} GFLOP/s",
+        f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{results['malloc']} malloc: fp32 matmul peak {peak:.1f} GFLOP/s",
         flush=True,
     )
     md = [
         f"# Meta-training benchmark ({machine}, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"thread(s); fp32 matmul peak {peak:.1f} GFLOP/s)",
+        f"thread(s), {results['malloc']} malloc; fp32 matmul peak {peak:.1f} GFLOP/s)",
         "",
     ]
     for name in args.shapes:
