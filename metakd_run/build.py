@@ -38,9 +38,23 @@ def learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) 
     except ValueError as err:
         raise ConfigError(f"{who}.{err}" if "=" in str(err).split(" ")[0] else f"{who}: {err}") from None
     try:
-        return LEARNERS[family](model, source.task, meta)
+        built = LEARNERS[family](model, source.task, meta)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    built.task_pixels = task_pixels(source)
+    return built
+
+
+def task_pixels(source: Any) -> int:
+    """Pixels of one task's support and query images together (0 where inputs are not images).
+
+    ``meta.batching=auto`` chooses grouped convolutions for small tasks on a CPU by it.
+    """
+    shape = tuple(source.in_shape)
+    if len(shape) != 3:
+        return 0
+    images = getattr(source, "ways", 0) * (getattr(source, "shots", 0) + getattr(source, "queries", 0))
+    return int(images * shape[1] * shape[2])
 
 
 def tap_pairs(kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet) -> list[tuple[str, str]]:

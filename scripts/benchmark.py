@@ -260,7 +260,7 @@ def build_candidates(
 
     Convolutional shapes add the previous version's loop and, with ``bf16``, ``auto`` under autocast.
     """
-    auto = resolve_batching("auto", make_model(shape, 1).to(device))
+    auto = auto_choice(shape, device)
     cands = [Candidate("reference", "reference", step_fn(shape, "reference", first_order, device)[0])]
     for strategy in dict.fromkeys([*strategies, auto]):
         try:
@@ -289,6 +289,13 @@ def build_candidates(
         run, _ = step_fn(shape, auto, first_order, device, True)
         cands.append(Candidate(f"distill ({auto})", auto, run, distill=True))
     return cands
+
+
+def auto_choice(shape: Shape, device: str) -> str:
+    """What ``meta.batching=auto`` runs for this shape in the pipeline (by model, device, task size)."""
+    pixels = shape.ways * (shape.shots + shape.queries) * math.prod(shape.in_shape[1:])
+    task_pixels = pixels if shape.kind == "classification" else 0
+    return resolve_batching("auto", make_model(shape, shape.width).to(device), device, task_pixels)
 
 
 def autocast(run: Callable[[], None], device: str) -> Callable[[], None]:
@@ -599,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def scaling(shape: Shape, args: argparse.Namespace) -> dict:
     """Seconds per second-order meta-step of ``auto``'s strategy and the reference, interleaved."""
-    auto = resolve_batching("auto", make_model(shape, 1).to(args.device))
+    auto = auto_choice(shape, args.device)
     rounds = max(3, (args.repeats or DEFAULT_ROUNDS[shape.kind]) // 3)
     table: dict = {"strategy": auto, "meta_batch": {}, "inner_steps": {}}
     for key, values in (("meta_batch", (1, 4, 16, 64)), ("inner_steps", (1, 2, 5, 10))):

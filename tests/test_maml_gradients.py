@@ -352,3 +352,32 @@ def test_auto_chooses_by_model_and_device():
     assert maml.batching == "loop"
     if torch.cuda.is_available():  # resolved again once the model has moved
         assert maml.to("cuda").batching == "vmap"
+
+
+def test_auto_on_a_cpu_groups_small_conv_tasks_and_loops_over_large_ones():
+    """The CPU rule of resolve_batching: per-task pixels x widest filters^2 against GROUPED_BELOW."""
+    from types import SimpleNamespace
+
+    from metakd_run.build import task_pixels
+    from metakd_run.meta.strategies import resolve_batching
+    from metakd_run.models.conv4 import Conv4
+    from metakd_run.models.resnet12 import ResNet12
+
+    def pixels(ways: int, shots: int, queries: int, side: int) -> int:
+        return task_pixels(SimpleNamespace(in_shape=(1, side, side), ways=ways, shots=shots, queries=queries))
+
+    assert pixels(5, 1, 5, 28) == 30 * 28 * 28
+    assert task_pixels(SimpleNamespace(in_shape=(1,), shots=10, queries=10)) == 0  # not images
+    preset, paper = Conv4((1, 28, 28), 5, filters=32), Conv4((1, 28, 28), 5, filters=64)
+    assert resolve_batching("auto", preset, "cpu", pixels(5, 1, 5, 28)) == "batched"  # 24M
+    assert resolve_batching("auto", paper, "cpu", pixels(5, 1, 15, 28)) == "loop"  # 257M
+    assert resolve_batching("auto", preset, "cpu", 0) == "loop"  # size unknown
+    assert resolve_batching("auto", preset, "cuda", pixels(5, 1, 5, 28)) == "vmap"
+    mini = Conv4((3, 84, 84), 5, filters=32)
+    assert resolve_batching("auto", mini, "cpu", pixels(5, 1, 5, 84)) == "loop"  # 217M
+    assert resolve_batching("auto", Conv4((3, 84, 84), 5, filters=8), "cpu", pixels(5, 1, 5, 84)) == "batched"
+    small_resnet = ResNet12((3, 84, 84), 5, widths=[4, 4, 4, 4])  # no batched_forward: the loop
+    assert resolve_batching("auto", small_resnet, "cpu", pixels(5, 1, 1, 84)) == "loop"
+    maml = MAML(preset, "classification", MetaConfig())
+    maml.task_pixels = pixels(5, 1, 5, 28)
+    assert maml.batching == "batched"

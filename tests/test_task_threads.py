@@ -151,6 +151,7 @@ def test_image_runs_with_task_threads_are_byte_identical(run_cli, tmp_path: Path
             f"dataset.root={mini_root}",
             f"dataset.cache_dir={tmp_path / 'cache'}",
             "threads=2",
+            "meta.batching=loop",  # auto would group these tiny tasks (resolve_batching)
             "train.stages=[teacher]",  # one stage is enough to exercise the threads
             run_dir=run_dir,
         )

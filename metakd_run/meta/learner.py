@@ -23,6 +23,9 @@ class MetaLearner(nn.Module):
         # strategy is made at first use on each device (and checked now, for a bad choice).
         make_strategy(cfg.batching, cfg.chunk, model, task, adapted)
         self._strategies: dict[torch.device, Strategy] = {}
+        # pixels of one task's images, support and query (0: unknown); ``auto`` weighs a conv
+        # model's per-task work with it (resolve_batching). Set by the builder before first use.
+        self.task_pixels = 0
         # how far the current stage is (0 at its first meta-iteration, 1 after it): schedules that
         # depend on it (MAML++'s) read it; outside training it is 1, the schedules' final state
         self.progress = 1.0
@@ -36,8 +39,9 @@ class MetaLearner(nn.Module):
         """How the tasks go through (``meta.batching``), resolved for the model's current device."""
         device = device_of(self.model)
         if device not in self._strategies:
+            cfg = self.cfg
             self._strategies[device] = make_strategy(
-                self.cfg.batching, self.cfg.chunk, self.model, self.task, self.adapted, device
+                cfg.batching, cfg.chunk, self.model, self.task, self.adapted, device, self.task_pixels
             )
         return self._strategies[device]
 

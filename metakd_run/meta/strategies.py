@@ -509,28 +509,39 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (LoopStrategy, VmapS
 BATCHING = ("auto", *STRATEGIES)
 
 
-def resolve_batching(choice: str, model: nn.Module, device: torch.device | str | None = None) -> str:
-    """``auto`` picks, per model AND device, what ``scripts/benchmark.py`` measured as fastest.
+# Per-task convolution work (input pixels of a task's images x the widest layer's filters squared)
+# below which grouped convolutions beat the per-task loop on a CPU. Measured on the 2-core CPU,
+# 2 threads, second order, interleaved (README, Speed): batched took 0.46-0.92x the loop's time up
+# to 96M (conv4-8 to conv4-64 at 28x28, conv4-8 at 84x84), 1.00x at 64M, and 1.06-1.15x from 217M up.
+GROUPED_BELOW = 2**27
+
+
+def resolve_batching(
+    choice: str, model: nn.Module, device: torch.device | str | None = None, task_pixels: int = 0
+) -> str:
+    """``auto`` picks, per model, device and task size, what ``scripts/benchmark.py`` measured fastest.
 
     ``device`` defaults to where the model's parameters are: resolve after ``model.to(device)``
-    (:class:`~metakd_run.meta.maml.MAML` does this lazily, at the first meta-batch on a device).
+    (:class:`~metakd_run.meta.learner.MetaLearner` does this lazily, at first use on a device).
+    ``task_pixels`` is the pixel count of one task's support and query images together (0: not
+    known, as for a model used outside the pipeline).
 
     - MLPs (``batched_forward``, no convolution): ``batched`` on every device. One ``baddbmm`` per
       layer for the whole meta-batch and, with ReLU, the closed-form meta-gradient: on the 2-core
-      CPU, sinusoid shape, 1 thread, interleaved, 21-22x the per-task reference loop second order
-      (12x through autograd) where ``vmap`` gives 6x and ``loop`` 1.0x.
+      CPU, sinusoid shape, 1 thread, interleaved, 20-22x the per-task reference loop (12x through
+      autograd) where ``vmap`` gives 5-6x and ``loop`` 0.9x.
     - Convolutional networks on CUDA: ``vmap``. On an H200, Omniglot 5-way 1-shot at the paper's
       shape (conv4-64, meta-batch 32, second order), ``vmap`` ran 29 meta-iterations/s,
       ``batched`` (4 tasks per grouped-convolution graph) 4.5 and ``loop`` 1.9: the GPU wants few
       large kernels, and the loop launches hundreds of tiny ones per task.
-    - Convolutional networks on a CPU: ``loop``, one task per graph, tasks in worker threads.
-      Convolutions there are compute-bound; vmapped convolutions ran at about 0.4x the reference
-      (a per-task loop over plain ``torch.nn`` layers), grouped ones (``batched``) 0.84-1.10x on
-      the Omniglot shapes and 0.72-0.95x on miniImageNet's with two threads on an AVX-512 machine,
-      while the loop ran at 1.01-1.21x on the Omniglot shapes and 0.75-1.10x on miniImageNet's (the
-      reference's own speed varied between processes there; the README's "Speed" has the runs).
-      Presets with small shapes where the grouped convolutions won before (the Omniglot CPU
-      preset) set ``meta.batching=batched`` themselves.
+    - Convolutional networks on a CPU: by the task's convolution work, ``task_pixels`` times the
+      widest layer's filters squared (:data:`GROUPED_BELOW`). Large tasks are compute-bound: the
+      ``loop`` (one task per graph, tasks in worker threads) ran at 1.01-1.05x the reference (a
+      per-task loop over plain ``torch.nn`` layers) on the benchmark's three image shapes, where
+      ``batched`` ran at 0.61-0.99x and ``vmap`` at about 0.4x. Small tasks (the CPU presets'
+      conv4-32 at 28x28 with 5 queries, any conv4-8) are op-count-bound, and grouped convolutions
+      (``batched``, where the model has ``batched_forward``) run 1.2-2.2x faster than the loop.
+      Unknown size: ``loop``.
     - Anything else: ``vmap`` (it needs nothing from the model).
 
     The README's "Speed" section has the figures and the commands that measure them.
@@ -543,7 +554,10 @@ def resolve_batching(choice: str, model: nn.Module, device: torch.device | str |
     if device is None:
         device = device_of(model)
     if _has_conv(model):
-        return "vmap" if torch.device(device).type == "cuda" else "loop"
+        if torch.device(device).type == "cuda":
+            return "vmap"
+        small = 0 < task_pixels * _conv_width(model) ** 2 < GROUPED_BELOW
+        return "batched" if small and hasattr(model, "batched_forward") else "loop"
     return "batched" if hasattr(model, "batched_forward") else "vmap"
 
 
@@ -554,9 +568,11 @@ def make_strategy(
     task: str,
     adapted: list[str],
     device: torch.device | str | None = None,
+    task_pixels: int = 0,
 ) -> Strategy:
-    """The strategy ``meta.batching`` names (``auto``: by model and device); ``chunk`` 0 takes its default."""
-    cls = STRATEGIES[resolve_batching(choice, model, device)]
+    """The strategy ``meta.batching`` names (``auto``: by model, device and task size); ``chunk`` 0
+    takes its default."""
+    cls = STRATEGIES[resolve_batching(choice, model, device, task_pixels)]
     return cls(model, task, adapted, chunk or cls.default_chunk(model))
 
 
@@ -623,6 +639,11 @@ def device_of(model: nn.Module) -> torch.device:
 
 def _has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _conv_width(model: nn.Module) -> int:
+    """The most filters of any convolution in ``model``."""
+    return max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=0)
 
 
 def _num_tasks(tree: object) -> int:

@@ -1,0 +1,119 @@
+"""The console script sets glibc's allocator up before torch's threads allocate (metakd_run/malloc.py)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from metakd_run import malloc
+
+glibc = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only"
+)
+
+# Imports the console script's module, lets four threads allocate and free 96 MB each (more than a
+# non-main arena's heap holds), then counts the arenas in malloc_info's report.
+PROBE = r"""
+import ctypes, re, sys, tempfile, threading
+import metakd_run.cli
+from metakd_run import malloc
+import torch
+
+def work():
+    for _ in range(3):
+        x = torch.ones(24 << 20)
+        del x
+
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+    fp = libc.fopen(f.name.encode(), b"w")
+    libc.malloc_info(0, fp)
+    libc.fclose(fp)
+    report = open(f.name).read()
+print(malloc.applied, len(re.findall(r"<heap nr=", report)))
+"""
+
+
+def _probe(**env: str) -> tuple[str, int]:
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "METAKD_RUN"))
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    return out[0], int(out[1])
+
+
+@glibc
+def test_console_script_keeps_one_arena_and_opt_out_restores_glibcs_defaults() -> None:
+    assert _probe() == ("True", 1)
+    applied, arenas = _probe(METAKD_RUN_MALLOC="system")
+    assert applied == "False" and arenas > 1
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"METAKD_RUN_MALLOC": "system"},
+        {"MALLOC_ARENA_MAX": "4"},
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+    ],
+)
+def test_opt_out_and_users_own_settings_leave_the_allocator_alone(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    calls: list[tuple[int, int]] = []
+
+    class FakeLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(malloc, "applied", False)
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda _name: FakeLibc())
+    for name in ("METAKD_RUN_MALLOC", *malloc._USER_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert malloc.tune() is False
+    assert calls == []
+
+
+@glibc
+def test_tune_sets_each_parameter_once_and_reports_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    verdict = {"ok": 1}
+
+    class FakeLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return verdict["ok"]
+
+    monkeypatch.setattr(malloc, "applied", False)
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda _name: FakeLibc())
+    for name in ("METAKD_RUN_MALLOC", *malloc._USER_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    assert malloc.tune() is True
+    assert sorted(calls) == sorted(malloc.SETTINGS.items())
+    assert malloc.tune() is True and len(calls) == len(malloc.SETTINGS)  # once per process
+    monkeypatch.setattr(malloc, "applied", False)
+    verdict["ok"] = 0  # glibc refused a value
+    assert malloc.tune() is False
