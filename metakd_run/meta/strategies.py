@@ -510,10 +510,13 @@ BATCHING = ("auto", *STRATEGIES)
 
 
 # Per-task convolution work (input pixels of a task's images x the widest layer's filters squared)
-# below which grouped convolutions beat the per-task loop on a CPU. Measured on the 2-core CPU,
-# 2 threads, second order, interleaved (README, Speed): batched took 0.46-0.92x the loop's time up
-# to 96M (conv4-8 to conv4-64 at 28x28, conv4-8 at 84x84), 1.00x at 64M, and 1.06-1.15x from 217M up.
-GROUPED_BELOW = 2**27
+# below which grouped convolutions beat the per-task loop on a CPU, by torch's intra-op threads.
+# Measured on the 2-core CPU, second order, interleaved (README, Speed). 2 threads: batched took
+# 0.46-0.92x the loop's time up to 96M (conv4-8 to conv4-64 at 28x28, conv4-8 at 84x84), 1.00x at
+# 64M and 1.06-1.15x from 217M up. 1 thread: 0.71-0.89x up to 6M, 1.00x at 14M, 1.06-1.19x from
+# 16M up (grouped convolutions gain more from a second intra-op thread than the loop's task
+# threads do). More threads than 2 were not measured and take the 2-thread limit.
+GROUPED_BELOW = {1: 2**23, 2: 2**27}
 
 
 def resolve_batching(
@@ -535,12 +538,14 @@ def resolve_batching(
       ``batched`` (4 tasks per grouped-convolution graph) 4.5 and ``loop`` 1.9: the GPU wants few
       large kernels, and the loop launches hundreds of tiny ones per task.
     - Convolutional networks on a CPU: by the task's convolution work, ``task_pixels`` times the
-      widest layer's filters squared (:data:`GROUPED_BELOW`). Large tasks are compute-bound: the
+      widest layer's filters squared, against a limit that depends on torch's intra-op thread
+      count when the strategy is made (:data:`GROUPED_BELOW`). Large tasks are compute-bound: the
       ``loop`` (one task per graph, tasks in worker threads) ran at 1.01-1.05x the reference (a
       per-task loop over plain ``torch.nn`` layers) on the benchmark's three image shapes, where
       ``batched`` ran at 0.61-0.99x and ``vmap`` at about 0.4x. Small tasks (the CPU presets'
-      conv4-32 at 28x28 with 5 queries, any conv4-8) are op-count-bound, and grouped convolutions
-      (``batched``, where the model has ``batched_forward``) run 1.2-2.2x faster than the loop.
+      conv4-32 at 28x28 with 5 queries, any conv4-8, with 2 threads) are op-count-bound, and
+      grouped convolutions (``batched``, where the model has ``batched_forward``) run 1.1-2.2x
+      faster than the loop.
       Unknown size: ``loop``.
     - Anything else: ``vmap`` (it needs nothing from the model).
 
@@ -556,7 +561,8 @@ def resolve_batching(
     if _has_conv(model):
         if torch.device(device).type == "cuda":
             return "vmap"
-        small = 0 < task_pixels * _conv_width(model) ** 2 < GROUPED_BELOW
+        limit = GROUPED_BELOW[min(max(torch.get_num_threads(), 1), 2)]
+        small = 0 < task_pixels * _conv_width(model) ** 2 < limit
         return "batched" if small and hasattr(model, "batched_forward") else "loop"
     return "batched" if hasattr(model, "batched_forward") else "vmap"
 
