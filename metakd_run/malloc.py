@@ -11,10 +11,11 @@ process's history, so the same step ran at two speeds in two processes (part 10)
 
 One arena, a fixed 512 MiB mmap threshold and a 4 GiB trim threshold keep freed buffers for
 reuse. Measured on the 2-core CPU, this made a plain per-task loop 1.25-1.44x faster on the
-miniImageNet shape and the task threads of the conv loop 1.04-1.05x faster than that loop
-(README, Speed). The price is that the process keeps up to 4 GiB of freed memory instead of
-returning it. It must run before another thread allocates (``M_ARENA_MAX`` binds only
-threads that have no arena yet), so the console script calls it before importing torch.
+miniImageNet shape, and the conv loop's task threads ran at 1.02-1.05x that loop where, with
+the thresholds alone (their own arenas), they had fallen to 0.76-0.89x (README, Speed). The
+price is that the process keeps up to 4 GiB of freed memory instead of returning it. It must
+run before another thread allocates (``M_ARENA_MAX`` binds only threads that have no arena
+yet), so the console script calls it before importing torch.
 """
 
 from __future__ import annotations

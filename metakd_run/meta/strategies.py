@@ -545,8 +545,7 @@ def resolve_batching(
       ``batched`` ran at 0.61-0.99x and ``vmap`` at about 0.4x. Small tasks (the CPU presets'
       conv4-32 at 28x28 with 5 queries, any conv4-8, with 2 threads) are op-count-bound, and
       grouped convolutions (``batched``, where the model has ``batched_forward``) run 1.1-2.2x
-      faster than the loop.
-      Unknown size: ``loop``.
+      faster than the loop. Unknown size: ``loop``.
     - Anything else: ``vmap`` (it needs nothing from the model).
 
     The README's "Speed" section has the figures and the commands that measure them.
