@@ -51,6 +51,7 @@ from torch.func import functional_call  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from metakd_run.build import task_pixels  # noqa: E402
 from metakd_run.config import MetaConfig  # noqa: E402
 from metakd_run.data.tasks import TaskBatch  # noqa: E402
 from metakd_run.distill.losses import Distiller  # noqa: E402
@@ -293,9 +294,8 @@ def build_candidates(
 
 def auto_choice(shape: Shape, device: str) -> str:
     """What ``meta.batching=auto`` runs for this shape in the pipeline (by model, device, task size)."""
-    pixels = shape.ways * (shape.shots + shape.queries) * math.prod(shape.in_shape[1:])
-    task_pixels = pixels if shape.kind == "classification" else 0
-    return resolve_batching("auto", make_model(shape, shape.width).to(device), device, task_pixels)
+    model = make_model(shape, shape.width).to(device)
+    return resolve_batching("auto", model, device, task_pixels(shape))
 
 
 def autocast(run: Callable[[], None], device: str) -> Callable[[], None]:

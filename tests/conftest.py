@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,21 @@ TINY = [
 def one_thread():
     """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl on a busy 2-core box.
     A module takes it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with intra_op_threads(1):
+        yield
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside, the previous one restored after."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def metakd_run_exe() -> list[str]:

@@ -69,6 +69,29 @@ def test_console_script_keeps_one_arena_and_opt_out_restores_glibcs_defaults() -
     assert applied == "False" and arenas > 1
 
 
+class FakeLibc:
+    """Records ``mallopt`` calls and answers with ``verdict`` (1: accepted, 0: refused)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.verdict = 1
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.verdict
+
+
+@pytest.fixture
+def libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
+    """A fresh process's view: nothing applied, no opt-out or glibc variables, a fake libc."""
+    fake = FakeLibc()
+    monkeypatch.setattr(malloc, "applied", False)
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda _name: fake)
+    for name in (malloc.OPT_OUT, *malloc._USER_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    return fake
+
+
 @pytest.mark.parametrize(
     "env",
     [
@@ -78,42 +101,21 @@ def test_console_script_keeps_one_arena_and_opt_out_restores_glibcs_defaults() -
     ],
 )
 def test_opt_out_and_users_own_settings_leave_the_allocator_alone(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+    monkeypatch: pytest.MonkeyPatch, libc: FakeLibc, env: dict[str, str]
 ) -> None:
-    calls: list[tuple[int, int]] = []
-
-    class FakeLibc:
-        def mallopt(self, param: int, value: int) -> int:
-            calls.append((param, value))
-            return 1
-
-    monkeypatch.setattr(malloc, "applied", False)
-    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda _name: FakeLibc())
-    for name in ("METAKD_RUN_MALLOC", *malloc._USER_VARIABLES):
-        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert malloc.tune() is False
-    assert calls == []
+    assert libc.calls == []
 
 
 @glibc
-def test_tune_sets_each_parameter_once_and_reports_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[int, int]] = []
-    verdict = {"ok": 1}
-
-    class FakeLibc:
-        def mallopt(self, param: int, value: int) -> int:
-            calls.append((param, value))
-            return verdict["ok"]
-
-    monkeypatch.setattr(malloc, "applied", False)
-    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda _name: FakeLibc())
-    for name in ("METAKD_RUN_MALLOC", *malloc._USER_VARIABLES):
-        monkeypatch.delenv(name, raising=False)
+def test_tune_sets_each_parameter_once_and_reports_failure(
+    monkeypatch: pytest.MonkeyPatch, libc: FakeLibc
+) -> None:
     assert malloc.tune() is True
-    assert sorted(calls) == sorted(malloc.SETTINGS.items())
-    assert malloc.tune() is True and len(calls) == len(malloc.SETTINGS)  # once per process
+    assert sorted(libc.calls) == sorted(malloc.SETTINGS.items())
+    assert malloc.tune() is True and len(libc.calls) == len(malloc.SETTINGS)  # once per process
     monkeypatch.setattr(malloc, "applied", False)
-    verdict["ok"] = 0  # glibc refused a value
+    libc.verdict = 0  # glibc refused a value
     assert malloc.tune() is False

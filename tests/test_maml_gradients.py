@@ -6,7 +6,6 @@ sees no GPU); ``scripts/gpu_check.py`` runs them that way.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -17,6 +16,7 @@ from metakd_run.config import MetaConfig
 from metakd_run.data.sinusoid import SinusoidTasks
 from metakd_run.meta.maml import MAML
 from metakd_run.models.mlp import MLP
+from tests.conftest import intra_op_threads
 
 DEVICES = ["cpu"]
 if os.environ.get("METAKD_TEST_DEVICE", "cpu").startswith("cuda"):
@@ -355,16 +355,6 @@ def test_auto_chooses_by_model_and_device():
         assert maml.to("cuda").batching == "vmap"
 
 
-@contextlib.contextmanager
-def _intra_op_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_auto_on_a_cpu_groups_small_conv_tasks_and_loops_over_large_ones():
     """The CPU rule of resolve_batching: per-task pixels x widest filters^2 against GROUPED_BELOW,
     whose limit depends on torch's intra-op thread count."""
@@ -382,7 +372,7 @@ def test_auto_on_a_cpu_groups_small_conv_tasks_and_loops_over_large_ones():
     assert task_pixels(SimpleNamespace(in_shape=(1,), shots=10, queries=10)) == 0  # not images
     preset, paper = Conv4((1, 28, 28), 5, filters=32), Conv4((1, 28, 28), 5, filters=64)
     tiny, mini = Conv4((1, 28, 28), 5, filters=8), Conv4((3, 84, 84), 5, filters=32)
-    with _intra_op_threads(2):
+    with intra_op_threads(2):
         assert resolve_batching("auto", preset, "cpu", pixels(5, 1, 5, 28)) == "batched"  # 24M
         assert resolve_batching("auto", paper, "cpu", pixels(5, 1, 15, 28)) == "loop"  # 257M
         assert resolve_batching("auto", preset, "cpu", 0) == "loop"  # size unknown
@@ -397,6 +387,6 @@ def test_auto_on_a_cpu_groups_small_conv_tasks_and_loops_over_large_ones():
         maml = MAML(preset, "classification", MetaConfig())
         maml.task_pixels = pixels(5, 1, 5, 28)
         assert maml.batching == "batched"
-    with _intra_op_threads(1):  # one intra-op thread: the loop wins from a smaller size on
+    with intra_op_threads(1):  # one intra-op thread: the loop wins from a smaller size on
         assert resolve_batching("auto", preset, "cpu", pixels(5, 1, 5, 28)) == "loop"
         assert resolve_batching("auto", tiny, "cpu", pixels(5, 1, 5, 28)) == "batched"  # 1.5M

@@ -22,6 +22,7 @@ from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.models import feature_shapes
 from metakd_run.models.conv4 import Conv4
+from tests.conftest import intra_op_threads
 from tests.test_cli_images import TINY_IMAGES
 from tests.test_data_images import make_mini
 from tests.test_protonet import SIZE, WAYS, image_tasks
@@ -55,15 +56,10 @@ def run_with(threads: int, step: Callable[[], dict[str, float]], modules: list[n
         names.add(threading.current_thread().name)
         return call(*args, **kwargs)
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(strategies, "functional_call", spy)
-            metrics = step()
+    with intra_op_threads(threads), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(strategies, "functional_call", spy)
+        metrics = step()
         assert torch.get_num_threads() == threads  # restored after the workers set theirs to 1
-    finally:
-        torch.set_num_threads(before)
     return grads(modules), metrics, names
 
 

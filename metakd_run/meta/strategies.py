@@ -560,7 +560,7 @@ def resolve_batching(
     if _has_conv(model):
         if torch.device(device).type == "cuda":
             return "vmap"
-        limit = GROUPED_BELOW[min(max(torch.get_num_threads(), 1), 2)]
+        limit = GROUPED_BELOW[min(torch.get_num_threads(), 2)]
         small = 0 < task_pixels * _conv_width(model) ** 2 < limit
         return "batched" if small and hasattr(model, "batched_forward") else "loop"
     return "batched" if hasattr(model, "batched_forward") else "vmap"
