@@ -106,6 +106,7 @@ class StageSpec:
     dtype: torch.dtype
     on_gradients: Callable[[nn.Module], None] | None = None  # data-parallel: average across ranks
     is_main: bool = True
+    fingerprint: dict[str, Any] | None = None  # the stage's settings (metakd_run.fingerprint), saved with it
 
     @property
     def iterations(self) -> int:
@@ -194,6 +195,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
                 "val_elapsed": val_elapsed,
                 "history": history,
                 "rng": {"tasks": generator.get_state(), **_global_rng()},
+                "fingerprint": spec.fingerprint,
             },
             resume_file,
         )
