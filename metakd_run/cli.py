@@ -58,8 +58,11 @@ def main(cfg: DictConfig) -> float | None:
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     if multirun:  # [sweep] a requeued SLURM job runs again in its folder: drop the last stop's error
         (run_dir / "error.txt").unlink(missing_ok=True)
+        from metakd_run.sweep import stamp_job
+
+        stamp_job(Path(str(hc.sweep.dir)), run_dir)
     try:
-        return run(cfg, run_dir)
+        return run(cfg, run_dir, keep_finished=multirun)
     except Exception as err:
         signalled = isinstance(err, UserError) and err.status >= 128
         if multirun and not signalled:  # [sweep] one failed cell must not end the sweep
@@ -86,8 +89,11 @@ def _failed_job(run_dir: Path, err: Exception) -> None:
     return None
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Type and check the config, build everything, then run; turn user-facing failures into ``UserError``."""
+def run(cfg: DictConfig, run_dir: Path, keep_finished: bool = False) -> float:
+    """Type and check the config, build everything, then run; turn user-facing failures into ``UserError``.
+
+    ``keep_finished`` (a sweep job): a folder that already holds this job's finished result, with
+    the same settings, is kept as it is, so that a sweep run again into its folder continues."""
     fresh_dir = run_dir
     try:
         if cfg.train.resume:
@@ -97,14 +103,21 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             import torch
 
             torch.set_num_threads(typed.threads)
-        from metakd_run.pipeline import Experiment
+        from metakd_run.pipeline import Experiment, finished_summary
         from metakd_run.report import print_summary
+
+        done = finished_summary(run_dir, typed) if keep_finished else None
+        if done is not None:
+            print(f"metakd-run: {run_dir} finished earlier with these settings: kept", file=sys.stderr)
+            return float(done["objective"])
 
         experiment = Experiment(typed, run_dir)
         experiment.prepare()  # data, learners, distiller: every mistake before the first iteration
         summary = experiment.run()
         if fresh_dir != run_dir:
             _discard(fresh_dir)
+            # a resumed sweep job: the stop's error.txt would keep it "failed" in the sweep summary
+            (run_dir / "error.txt").unlink(missing_ok=True)
         if "models" not in summary:  # [distributed] a rank other than 0: rank 0 reports
             return float("nan")
         print_summary(summary, run_dir)
@@ -121,7 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 
 # Overrides that a resumed run honours: they change how it runs, not what it computes.
-RESUME_HONOURS = ("train.resume", "train.progress", "threads", "device")
+RESUME_HONOURS = ("train.resume", "train.progress", "train.accept_mismatch", "threads", "device")
 
 
 def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
@@ -172,7 +185,7 @@ def _discard(run_dir: Path) -> None:
     """Remove a run folder that holds nothing but Hydra's bookkeeping (and our logs)."""
     if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
         return  # [sweep] a sweep job keeps its folder: the summary reads its overrides and error
-    keep = {".hydra", "main.log", "cli.log"}
+    keep = {".hydra", "main.log", "cli.log", "run.lock", ".sweep_id"}
     if run_dir.is_dir() and all(p.name in keep or p.name.startswith("events.out") for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -226,9 +239,22 @@ def register_plugins() -> None:
             plugins.register(cls)
 
 
+def version_text() -> str:
+    """``metakd-run --version``: our version, then the torch and Hydra this process imported, since a
+    result depends on all three (summary.json records them too)."""
+    import torch
+
+    from metakd_run import __version__
+
+    return f"metakd-run {__version__}\ntorch {torch.__version__}\nHydra {hydra.__version__}"
+
+
 def entry() -> Any:
     """Console script: Hydra's errors are re-raised to us (HYDRA_FULL_ERROR) and shown as one line."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if "--version" in sys.argv[1:]:  # ours, not Hydra's (which would name only itself)
+        print(version_text())
+        sys.exit(0)
     register_plugins()
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -250,6 +276,22 @@ def entry() -> Any:
     except (HydraException, OmegaConfBaseException) as err:
         print(f"metakd-run: error: {_compact(err)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a stage's loop (start-up, meta-test), or in a sweep's parent process while
+        # its workers save their checkpoints: one line and 130, as inside the loop, not a traceback.
+        print(f"metakd-run: error: interrupted (SIGINT). {_resume_hint()}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _resume_hint() -> str:
+    """How to carry on after a Ctrl-C that reached us outside the training loop."""
+    if {"-m", "--multirun"} & set(sys.argv[1:]):  # the sweep's parent: each job printed its own line
+        return "Resume each interrupted job with: metakd-run train.resume=<sweep folder>/<job>"
+    if HydraConfig.initialized():
+        resumed = [o.split("=", 1)[1] for o in _task_overrides() if o.startswith("train.resume=")]
+        folder = resumed[-1] if resumed else HydraConfig.get().runtime.output_dir
+        return f"Resume with: metakd-run train.resume={folder}"
+    return "Nothing was trained yet"
 
 
 if __name__ == "__main__":
