@@ -1,7 +1,8 @@
 """Experiment tracking: the pipeline hands metrics here, the meta core never does.
 
 ``Tracker`` is the one face the pipeline talks to; the ``logger`` config group picks what is behind
-it: TensorBoard event files in the run folder (``logger=tensorboard``, the default), an MLflow run
+it: TensorBoard event files in ``<run folder>/tb/``, one TensorBoard run per model
+(``logger=tensorboard``, the default), an MLflow run
 (``logger=mlflow``: a local store in the run folder, or a tracking server a team shares), or nothing
 (``logger=none``). Each backend gets the same scalars, hyperparameters, final metrics, text and figures.
 """
@@ -9,11 +10,12 @@ it: TensorBoard event files in the run folder (``logger=tensorboard``, the defau
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from metakd_run.config import ConfigError
+from metakd_run.config import ConfigError, Stage
 
 
 class Backend(Protocol):
@@ -30,65 +32,136 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-MODELS = "(teacher|student_kd|student_base)"
-# The Custom Scalars tab: the three models on one chart each (the Scalars page keeps one chart per tag).
-COMPARISON_LAYOUT = {
-    "models compared": {
-        "meta-training loss": ["Multiline", [rf"^{MODELS}/train/loss$"]],
-        "meta-training task loss (query set)": ["Multiline", [rf"^{MODELS}/train/task_loss$"]],
-        "meta-training accuracy (query set)": ["Multiline", [rf"^{MODELS}/train/accuracy$"]],
-        "validation metric": ["Multiline", [rf"^{MODELS}/val/(mse|accuracy)$"]],
-        "test metric against inner steps": ["Multiline", [rf"^{MODELS}/test_(mse|accuracy)_by_step/mean$"]],
-        "outer learning rate": ["Multiline", [rf"^{MODELS}/train/outer_lr$"]],
-    },
-    "distillation": {
-        "distillation term": ["Multiline", [r"^student_kd/train/kd_loss$"]],
-        "learned distillation weight and temperature": [
-            "Multiline",
-            [r"^student_kd/train/kd_(weight|temperature).*$"],
-        ],
-    },
-}
+# TensorBoard: one run per model under <run folder>/tb/, with the same tags in each, so that every page
+# colours the models apart and names them in its legend; what belongs to no one model (figures, the
+# config, comparisons between models, the final metrics' table) goes to the run "tb/run".
+TB_DIR = "tb"
+SHARED_RUN = "run"
+MODEL_RUNS = tuple(stage.value for stage in Stage)
+# The Custom Scalars tab: (category, chart, tag regex). A chart enters the layout once a tag it draws
+# has been logged, so a regression run shows no empty accuracy chart and a run without learned
+# distillation no empty weight-and-temperature chart.
+CHARTS = (
+    ("models compared", "meta-training loss", r"^train/loss$"),
+    ("models compared", "meta-training task loss (query set)", r"^train/task_loss$"),
+    ("models compared", "meta-training accuracy (query set)", r"^train/accuracy$"),
+    ("models compared", "validation mse", r"^val/mse$"),
+    ("models compared", "validation accuracy", r"^val/accuracy$"),
+    ("models compared", "test mse against inner steps", r"^test_mse_by_step/mean$"),
+    ("models compared", "test accuracy against inner steps", r"^test_accuracy_by_step/mean$"),
+    ("models compared", "outer learning rate", r"^train/outer_lr$"),
+    ("distillation", "distillation term", r"^train/kd_loss$"),
+    ("distillation", "learned distillation weight and temperature", r"^train/kd_(weight|temperature).*$"),
+)
+# The HParams tab's metric columns: the last point of these curves in each model's run (the test
+# metric after the last inner step, the last validation metric, the last training loss). Final
+# metrics are not logged as one-point scalar charts; their full table is the text "final_metrics".
+HPARAMS_METRICS = (
+    "test_accuracy_by_step/mean",
+    "test_mse_by_step/mean",
+    "val/accuracy",
+    "val/mse",
+    "train/loss",
+)
 
 
 class TensorBoardBackend:
-    """One TensorBoard run per experiment run, written into the run folder itself.
+    """TensorBoard event files under ``<run folder>/tb/``: one run per model plus ``tb/run``.
 
-    HParams are written into this same run (not the sub-run that ``add_hparams`` creates), so the
-    HParams tab links the hyperparameters to the scalars the run logged.
+    A tag's first part names its model (``teacher/train/loss``): the rest (``train/loss``) is logged
+    in that model's run, so the teacher, the distilled and the baseline student share every chart
+    in their own colours. Other tags (``eval/test_tasks``, ``paired/...``) go to ``tb/run``. Each
+    model's run is also an HParams session, with the hyperparameters, ``model`` and the metrics of
+    ``HPARAMS_METRICS``, so a sweep's HParams tab compares jobs model by model.
     """
 
     def __init__(self, log_dir: str | Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        self.root = Path(log_dir) / TB_DIR
+        self.writers: dict[str, Any] = {}
+        self.tags: dict[str, set[str]] = {}  # per run, the scalar tags logged by this process
+        self.charts: tuple[tuple[str, str, str], ...] = ()  # those in the layout written last
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-        self.writer.add_custom_scalars(COMPARISON_LAYOUT)
+    def _writer(self, run: str) -> Any:
+        if run not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writers[run] = SummaryWriter(log_dir=str(self.root / run))
+            self.tags[run] = set()
+        return self.writers[run]
+
+    def _route(self, tag: str) -> tuple[str, str]:
+        """(run, tag in that run): ``teacher/train/loss`` -> (``teacher``, ``train/loss``)."""
+        head, _, rest = tag.partition("/")
+        return (head, rest) if head in MODEL_RUNS and rest else (SHARED_RUN, tag)
 
     def scalars(self, prefix: str, metrics: Mapping[str, float], step: int) -> None:
         for k, v in metrics.items():
-            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            run, tag = self._route(f"{prefix}/{k}")
+            self._writer(run).add_scalar(tag, v, step)
+            self.tags[run].add(tag)
+        self._update_layout()
+
+    def _update_layout(self) -> None:
+        """Rewrite the Custom Scalars layout when a chart gains its first data (the last one wins)."""
+        logged = set().union(*(self.tags[run] for run in MODEL_RUNS if run in self.tags))
+        charts = tuple(c for c in CHARTS if any(re.match(c[2], t) for t in logged))
+        if charts == self.charts:
+            return
+        layout: dict[str, dict[str, list]] = {}
+        for category, title, regex in charts:
+            layout.setdefault(category, {})[title] = ["Multiline", [regex]]
+        self._writer(SHARED_RUN).add_custom_scalars(layout)
+        self.charts = charts
 
     def text(self, tag: str, body: str) -> None:
-        self.writer.add_text(tag, body)
+        self._writer(SHARED_RUN).add_text(tag, body)
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
-        self.writer.add_figure(tag, fig, step, close=False)
+        self._writer(SHARED_RUN).add_figure(tag, fig, step, close=False)
 
     def hparams(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """Final metrics as scalars plus the HParams plugin's summaries, in this run."""
+        """An HParams session per model run (its metrics: the last points of ``HPARAMS_METRICS``);
+        the final metrics themselves as one table in the Text tab of ``tb/run``."""
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        clean = {k: _hparam_value(v) for k, v in params.items()}
-        exp, ssi, sei = hparams_summary(clean, dict(metrics))
-        file_writer = self.writer._get_file_writer()
-        for summary in (exp, ssi, sei):
-            file_writer.add_summary(summary)
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, 0)
+        models = [run for run in MODEL_RUNS if run in self.tags]
+        logged = set().union(*(self.tags[run] for run in models))
+        columns = {tag: 0.0 for tag in HPARAMS_METRICS if tag in logged}  # values: read from the curves
+        for run in models:
+            clean = {k: _hparam_value(v) for k, v in params.items()}
+            exp, ssi, sei = hparams_summary({"model": run, **clean}, columns)
+            file_writer = self._writer(run)._get_file_writer()
+            for summary in (exp, ssi, sei):
+                file_writer.add_summary(summary)
+        if metrics:
+            self.text("final_metrics", _metrics_table(metrics))
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        for writer in self.writers.values():
+            writer.flush()
+            writer.close()
+        self.writers = {}
+
+
+def _metrics_table(metrics: Mapping[str, float]) -> str:
+    """``final/<row>/<column>`` values as a markdown table: a row per model (or comparison), a column
+    per metric and inner step."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        row, _, column = key.removeprefix("final/").rpartition("/")
+        rows.setdefault(row or "-", {})[column] = value
+    columns = sorted({c for r in rows.values() for c in r}, key=_step_order)
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row, values in rows.items():
+        cells = [f"{values[c]:.4g}" if c in values else "" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _step_order(column: str) -> tuple[str, int]:
+    """``mse_step_10`` after ``mse_step_2``."""
+    name, _, step = column.rpartition("_step_")
+    return (name, int(step)) if step.isdigit() else (column, -1)
 
 
 class MLflowBackend:

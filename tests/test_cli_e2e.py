@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.conftest import read_summary
+from tests.tensorboard_runs import TensorBoardRuns
 
 STAGES = ("teacher", "student_kd", "student_base")
 
@@ -67,24 +67,25 @@ def test_run_folder_holds_config_summary_checkpoints_plots(tiny_run):
 
 def test_tensorboard_has_each_stage_hparams_image_and_config(tiny_run):
     run_dir, _ = tiny_run
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    ea.Reload()
-    tags = ea.Tags()
-    scalars = set(tags["scalars"])
+    ea = TensorBoardRuns(run_dir)  # tb/<model> per model, tb/run for the rest
+    scalars = ea.tags("scalars")
     for name in STAGES:
         assert f"{name}/train/loss" in scalars
         assert f"{name}/val/mse" in scalars
     assert {"student_kd/train/task_loss", "student_kd/train/kd_loss"} <= scalars
-    assert ea.Scalars("teacher/train/loss")[-1].step == 12
-    assert "eval/test_tasks" in tags["images"]
-    assert any(t.startswith("config") for t in tags["tensors"])
-    content = ea.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert "meta.inner_lr" in start.session_start_info.hparams
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    metric_tags = {m.name.tag for m in experiment.experiment.metric_infos}
-    assert "final/student_kd/mse_step_1" in metric_tags
-    assert "final/student_kd/mse_step_1" in scalars  # the HParams tab reads the metric from this run
+    assert ea.scalars("teacher/train/loss")[-1].step == 12
+    assert "eval/test_tasks" in ea.tags("images")
+    assert {"config/text_summary", "final_metrics/text_summary"} <= ea.tags("tensors")
+    assert not any(t.startswith("final/") for t in scalars)  # final metrics: HParams and text, no charts
+    for name in STAGES:  # each model's run is an HParams session
+        content = ea.runs[name].PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        assert "meta.inner_lr" in start.session_start_info.hparams
+        assert start.session_start_info.hparams["model"].string_value == name
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+        metric_tags = {m.name.tag for m in experiment.experiment.metric_infos}
+        assert "test_mse_by_step/mean" in metric_tags
+        assert metric_tags <= set(ea.runs[name].Tags()["scalars"])  # HParams reads them from this run
 
 
 def test_same_seed_same_summary_other_seed_differs(tiny_run, run_cli, tmp_path):
@@ -134,7 +135,7 @@ def test_train_only_the_teacher_then_reuse_it(run_cli, tmp_path: Path):
     s1, s2 = read_summary(tmp_path / "t"), read_summary(tmp_path / "s")
     assert s2["models"]["teacher"]["metrics"] == s1["models"]["teacher"]["metrics"]
     assert s2["hparams"]["train.student_iterations"] == 7
-    ea = EventAccumulator(str(tmp_path / "s"), size_guidance={"scalars": 0}).Reload()
-    assert "teacher/train/loss" not in ea.Tags()["scalars"]
+    ea = TensorBoardRuns(tmp_path / "s")
+    assert "teacher/train/loss" not in ea.tags("scalars")
     for name in ("student_kd", "student_base"):  # the students ran their own budget, not train.iterations
-        assert ea.Scalars(f"{name}/train/loss")[-1].step == 7
+        assert ea.scalars(f"{name}/train/loss")[-1].step == 7

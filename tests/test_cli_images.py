@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import read_summary
+from tests.tensorboard_runs import TensorBoardRuns
 from tests.test_data_images import make_mini
 
 TINY_IMAGES = [
@@ -47,12 +47,11 @@ def test_miniimagenet_pipeline_runs_and_logs_accuracy(run_cli, tmp_path, mini_ro
     # the student's 2-channel block2 was projected to the teacher's 4 channels by a 1x1 conv
     state = torch.load(run_dir / "checkpoints" / "student_kd.pt", weights_only=True)["state_dict"]
     assert state["distiller.projections.block2__to__block2.weight"].shape == (4, 2, 1, 1)
-    ea = EventAccumulator(str(run_dir))
-    ea.Reload()
-    scalars = set(ea.Tags()["scalars"])
+    ea = TensorBoardRuns(run_dir)
+    scalars = ea.tags("scalars")
     assert {"teacher/val/accuracy", "student_kd/train/kd_loss", "student_kd/train/accuracy"} <= scalars
     assert "teacher/test_accuracy_by_step/mean" in scalars
-    assert "eval/test_tasks" in ea.Tags()["images"]
+    assert "eval/test_tasks" in ea.tags("images")
 
 
 @pytest.mark.parametrize("kd", ["kd=kl", "kd=attention kd.taps=[block1,block2]"])

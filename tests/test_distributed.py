@@ -63,7 +63,7 @@ def test_two_processes_equal_one_process_on_the_same_tasks(tmp_path: Path, compo
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     # rank 0 alone wrote: one summary, one TensorBoard file, one results table on stdout
     assert (ddp / "summary.json").is_file()
-    assert len(list(ddp.glob("events.out.tfevents.*"))) == 1
+    assert len(list(ddp.glob("tb/teacher/events.out.tfevents.*"))) == 1
     assert proc.stdout.count("run folder:") == 1
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn import functional as F
 
 from metakd_run import build, lake
@@ -29,6 +28,7 @@ from metakd_run.data.errors import DataError
 from metakd_run.data.lake import LakeRuns, load_lake_runs, locate
 from metakd_run.data.omniglot import load_omniglot, read_split
 from tests.conftest import read_summary
+from tests.tensorboard_runs import TensorBoardRuns
 from tests.test_data_images import make_omniglot, omniglot_files
 
 WAYS = 4  # the fixture's runs are 4-way (the real ones 20-way)
@@ -420,9 +420,7 @@ def test_cli_scores_the_three_models_on_the_runs(run_cli, tmp_path: Path, capsys
             assert len(entry["per_run"]) == RUNS and 0.0 <= entry["mean"] <= 1.0
     assert set(section["paired"]["student_kd-student_base"]) == set(lake.MODES)
     assert "Lake et al.'s 2 one-shot runs (4-way" in proc.stdout and "people 4.5" in proc.stdout
-    ea = EventAccumulator(str(run_dir))
-    ea.Reload()
-    scalars = set(ea.Tags()["scalars"])
+    scalars = TensorBoardRuns(run_dir).tags("scalars")
     assert {"teacher/lake_error/support", "student_kd/lake_error_by_run/transductive"} <= scalars
     assert "paired/student_kd-student_base/lake_error/alone" in scalars
     # the same figures from the finished run, by the module's own command

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -23,6 +22,7 @@ from metakd_run.models import feature_shapes
 from metakd_run.models.conv4 import Conv4
 from metakd_run.models.mlp import MLP
 from tests.conftest import read_summary
+from tests.tensorboard_runs import TensorBoardRuns
 from tests.test_protonet import SIZE, WAYS, image_tasks
 from tests.test_protonet import omniglot as omniglot  # noqa: F401 - the module fixture, reused
 
@@ -283,13 +283,12 @@ def test_protonet_teacher_into_maml_student_with_learned_kd(run_cli, tmp_path, o
     assert models["student_kd"]["training"]["best_val"] is not None
     state = torch.load(run_dir / "checkpoints" / "student_kd.pt", weights_only=True)["state_dict"]
     assert {"distiller.log_weight", "distiller.log_temperature"} <= set(state)
-    ea = EventAccumulator(str(run_dir))
-    ea.Reload()
-    scalars = set(ea.Tags()["scalars"])
+    ea = TensorBoardRuns(run_dir)
+    scalars = ea.tags("scalars")
     assert {
         "student_kd/train/kd_temperature",
         "student_kd/train/kd_weight",
         "student_kd/train/kd_loss",
     } <= scalars
-    first = ea.Scalars("student_kd/train/kd_temperature")[0].value
+    first = ea.scalars("student_kd/train/kd_temperature")[0].value
     assert first > 0 and abs(first - 4.0) < 0.5  # started at kd.temperature, moved by Adam

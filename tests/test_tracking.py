@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.plugins.custom_scalar import layout_pb2  # noqa: E402
+from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
 from metakd_run.config import ConfigError  # noqa: E402
 from metakd_run.tracking import MLflowBackend, TensorBoardBackend, Tracker  # noqa: E402
@@ -145,7 +149,8 @@ def test_tensorboard_stays_the_default_and_none_logs_nothing(tmp_path: Path):
     assert isinstance(tracker.backend, TensorBoardBackend)
     _log_a_run(tracker)
     tracker.close()
-    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    runs = {p.parent.name for p in (tmp_path / "tb").glob("tb/*/events.out.tfevents.*")}
+    assert runs == {"teacher", "run"}  # the one model logged, and the run's figures and text
     off = Tracker(tmp_path / "off", logger={"backend": "none"})
     _log_a_run(off)
     off.close()
@@ -178,3 +183,103 @@ def test_a_typed_logger_config_picks_the_backend_too(tmp_path: Path):
 
     assert isinstance(Tracker(tmp_path / "a", logger=LoggerConfig()).backend, TensorBoardBackend)
     assert Tracker(tmp_path / "b", logger=LoggerConfig(Kind.none)).backend is None
+
+
+STAGES = ("teacher", "student_kd", "student_base")
+
+
+def _log_three_models(tracker: Tracker, metric: str) -> None:
+    """What the pipeline logs for the three models of a run whose metric is ``metric``."""
+    for i, name in enumerate(STAGES):
+        for step in (5, 10):
+            train = {"loss": 1.0 / step + i, "task_loss": 0.5 / step, "outer_lr": 0.001}
+            if metric == "accuracy":
+                train["accuracy"] = 0.1 * step
+            if name == "student_kd":
+                train["kd_loss"] = 0.2
+            tracker.scalars(f"{name}/train", train, step)
+            tracker.scalars(f"{name}/val", {metric: 0.3 + i}, step)
+        for inner in (0, 1, 3):
+            tracker.scalars(f"{name}/test_{metric}_by_step", {"mean": 2.0 - inner * 0.1 - i}, inner)
+    fig, ax = plt.subplots()
+    tracker.figure("eval/test_tasks", fig)
+    plt.close(fig)
+    tracker.text("config", "seed: 0")
+    final = {f"final/{n}/{metric}_step_{s}": 2.0 - s * 0.1 - i for i, n in enumerate(STAGES) for s in (0, 3)}
+    final["final/gap_closed/mse_step_3"] = 0.25
+    tracker.hparams({"meta.inner_lr": 0.01, "eval.report_steps": [0, 3]}, final)
+    tracker.close()
+
+
+def _accumulator(path: Path) -> EventAccumulator:
+    return EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0, "images": 0}).Reload()
+
+
+def _layout(run_dir: Path) -> dict[str, list[str]]:
+    """The Custom Scalars layout: chart title -> its tag regexes."""
+    ea = _accumulator(run_dir / "tb" / "run")
+    proto = layout_pb2.Layout.FromString(
+        ea.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0]
+    )
+    return {c.title: list(c.multiline.tag) for cat in proto.category for c in cat.chart}
+
+
+def test_tensorboard_has_one_run_per_model_with_the_same_tags(tmp_path: Path):
+    """The Scalars and Time Series pages colour runs apart and name them in the legend: each model is
+    a run of its own under tb/, its tags without the model's name, the same in all three."""
+    _log_three_models(Tracker(tmp_path), "mse")
+    tb = tmp_path / "tb"
+    assert {p.name for p in tb.iterdir()} == {*STAGES, "run"}
+    tags = {name: set(_accumulator(tb / name).Tags()["scalars"]) for name in STAGES}
+    common = {"train/loss", "train/task_loss", "train/outer_lr", "val/mse", "test_mse_by_step/mean"}
+    assert all(tags[name] - {"train/kd_loss"} == common for name in STAGES), tags
+    assert tags["student_kd"] == common | {"train/kd_loss"}
+    val = _accumulator(tb / "student_base").Scalars("val/mse")
+    assert [(e.step, round(e.value, 5)) for e in val] == [(5, 2.3), (10, 2.3)]
+    shared = _accumulator(tb / "run")
+    assert shared.Tags()["scalars"] == []  # no final/* one-point charts anywhere
+    assert "eval/test_tasks" in shared.Tags()["images"]
+    assert {"config/text_summary", "final_metrics/text_summary"} <= set(shared.Tags()["tensors"])
+    table = shared.Tensors("final_metrics/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| student_kd | 1 | 0.7 |" in table and "| gap_closed |" in table
+
+
+def test_each_model_run_is_an_hparams_session_whose_metrics_are_its_curves(tmp_path: Path):
+    """The HParams tab reads a metric's value from the session's own run: every declared metric
+    must be a tag logged there, and its last point is the final value."""
+    _log_three_models(Tracker(tmp_path), "mse")
+    for i, name in enumerate(STAGES):
+        ea = _accumulator(tmp_path / "tb" / name)
+        content = ea.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        hparams = start.session_start_info.hparams
+        assert hparams["model"].string_value == name and hparams["meta.inner_lr"].number_value == 0.01
+        assert hparams["eval.report_steps"].string_value == "[0, 3]"
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+        metrics = [m.name.tag for m in experiment.experiment.metric_infos]
+        assert metrics == ["test_mse_by_step/mean", "val/mse", "train/loss"]
+        assert set(metrics) <= set(ea.Tags()["scalars"])
+        last = ea.Scalars("test_mse_by_step/mean")[-1]
+        assert (last.step, round(last.value, 6)) == (3, round(1.7 - i, 6))
+
+
+def test_custom_scalars_show_only_charts_that_have_data(tmp_path: Path):
+    """A regression run has no accuracy and a run without learned distillation no kd weight: no
+    empty chart for either; a classification run gets its accuracy charts."""
+    _log_three_models(Tracker(tmp_path / "reg"), "mse")
+    regression = _layout(tmp_path / "reg")
+    assert not any("accuracy" in title for title in regression)
+    assert "learned distillation weight and temperature" not in regression
+    assert {
+        "meta-training loss",
+        "validation mse",
+        "test mse against inner steps",
+        "distillation term",
+    } <= set(regression)
+    tags = set().union(*(_accumulator(tmp_path / "reg" / "tb" / n).Tags()["scalars"] for n in STAGES))
+    for title, regexes in regression.items():  # every chart draws something
+        assert any(re.match(r, t) for r in regexes for t in tags), title
+    _log_three_models(Tracker(tmp_path / "cls"), "accuracy")
+    classification = _layout(tmp_path / "cls")
+    assert {"meta-training accuracy (query set)", "validation accuracy"} <= set(classification)
+    assert "validation mse" not in classification
