@@ -123,6 +123,10 @@ def run(cfg: DictConfig, run_dir: Path, keep_finished: bool = False) -> float:
         print_summary(summary, run_dir)
         return float(summary["objective"])
     except _user_errors() as err:
+        from metakd_run.pipeline import SettingsMismatch, restore_hydra_files
+
+        if isinstance(err, SettingsMismatch):
+            restore_hydra_files(run_dir)
         _discard(fresh_dir)  # only if it holds nothing but bookkeeping: trained stages stay
         raise UserError(str(err)) from err
     except TrainingDiverged as err:

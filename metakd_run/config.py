@@ -330,6 +330,7 @@ class TrainConfig:
     teacher_checkpoint: str | None = None  # a finished teacher.pt to use instead of training one
     teacher_cache: str | None = None  # a folder where teachers are kept by config and seed, and reused
     resume: str | None = None
+    accept_mismatch: bool = False  # load models (this folder's, a given teacher) trained with other settings
     progress: bool = True
 
     def __post_init__(self) -> None:

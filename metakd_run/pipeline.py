@@ -3,15 +3,19 @@
 :meth:`Experiment.prepare` loads every split and builds every learner and the distiller before
 any training, so a user's mistake fails in seconds; :meth:`Experiment.run` then reads like the
 README. Each stage's result is a checkpoint in ``checkpoints/``: a finished stage is loaded, an
-interrupted one continues from its last checkpoint.
+interrupted one continues from its last checkpoint, and either only when the fingerprint it
+carries (:mod:`metakd_run.fingerprint`) matches the settings of this run: a folder holding another
+setting's models is refused before any training, unless ``train.accept_mismatch=true`` says to
+load them anyway (reported in the summary). A lock keeps two processes out of one run folder.
 """
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from metakd_run import __version__, build, distributed, results
-from metakd_run.checkpoint import CheckpointError, load, load_state, save_atomic
-from metakd_run.config import Config, Split, Stage, to_dict
+from metakd_run import __version__, build, distributed, fingerprint, results
+from metakd_run.checkpoint import CheckpointError, load, load_state, save_atomic, write_text_atomic
+from metakd_run.config import Config, ConfigError, Split, Stage, to_dict
 from metakd_run.data import build_task_source
 from metakd_run.distill.mkd import MetaDistillation
 from metakd_run.evaluate import fixed_tasks
@@ -58,6 +62,41 @@ class Trainee:
     model_cfg: Any
 
 
+class SettingsMismatch(CheckpointError):
+    """The run folder (or a given teacher) holds models trained with other settings."""
+
+
+LOCK_FILE = "run.lock"
+SAVED_HYDRA = "hydra"  # checkpoints/hydra/: the .hydra/ files of the run that trained the checkpoints
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def restore_hydra_files(run_dir: Path) -> None:
+    """Put back the ``.hydra/`` files of the run that trained this folder's checkpoints.
+
+    Hydra writes the new command's config into ``.hydra/`` before the pipeline can refuse it; a
+    refused run must leave the folder describing its models, or ``train.resume`` would continue
+    them with the refused settings."""
+    saved = run_dir / "checkpoints" / SAVED_HYDRA
+    if saved.is_dir():
+        shutil.copytree(saved, run_dir / ".hydra", dirs_exist_ok=True)
+
+
+def finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
+    """The summary of a run folder that already finished with exactly these settings, else None.
+
+    A sweep run again into the same ``hydra.sweep.dir`` keeps such jobs instead of loading their
+    models and meta-testing them again (:mod:`metakd_run.cli`)."""
+    try:
+        saved = json.loads((run_dir / FINGERPRINT_FILE).read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("digest") != fingerprint.digest(fingerprint.run_settings(cfg)):
+        return None
+    return summary if isinstance(summary, dict) and "objective" in summary else None
+
+
 class Experiment:
     """One run: the typed config, the run folder, the device, the data and the learners."""
 
@@ -79,12 +118,17 @@ class Experiment:
         self.trainees: dict[str, Trainee] = {}
         self.teacher_origin = ""
         self.tracker: Tracker | None = None
+        self.fingerprints: dict[str, dict[str, Any]] = {}  # stage -> the settings that shape it
+        self.reuse: dict[str, str] = {}  # stage -> how this run obtained it (summary "stages")
+        self.accepted: dict[str, list[str]] = {}  # stage -> differing keys accepted by the user
+        self._lock: Any = None
 
     # --- before any training -------------------------------------------------------------------
     def prepare(self) -> None:
         """Load every split, build every learner and the distiller, check a given teacher checkpoint."""
         cfg, ds = self.cfg, self.cfg.dataset
         split = getattr(ds, "split_name", lambda role: str(role))
+        self.lock()
         from metakd_run.lake import check as check_lake_runs
 
         check_lake_runs(cfg)  # eval.lake_runs: the runs are readable and the heads as wide as they are
@@ -99,12 +143,14 @@ class Experiment:
                 "eval.split=val is also the validation split that picks the best checkpoints: "
                 "its accuracies are slightly optimistic (different tasks, same classes)"
             )
-        self.teacher_origin = self.teacher_source()
         train = self.src.train
         teacher = build.learner(cfg.teacher, "teacher", train, cfg.meta, self.seed("teacher_init"))
         self.trainees["teacher"] = Trainee(teacher, teacher, teacher.meta_backward, cfg.teacher)
+        given_teacher = None
         if cfg.train.teacher_checkpoint:
-            self.load_finished(Path(cfg.train.teacher_checkpoint).expanduser(), teacher, self.teacher_what())
+            given = Path(cfg.train.teacher_checkpoint).expanduser()
+            given_teacher = self.check_given_teacher(given)
+            self.load_finished(given, teacher, self.teacher_what())
         elif self.cached_teacher() is not None and self.cached_teacher().exists():
             pass  # loaded when the teacher's turn comes
         elif Stage.teacher not in cfg.train.stages and not final_path(self.ckpt_dir, "teacher").exists():
@@ -114,6 +160,13 @@ class Experiment:
         for name in (Stage.student_kd, Stage.student_base):
             if name in cfg.train.stages:
                 self.trainees[name.value] = self.student(name, teacher)
+        self.fingerprints = {
+            name: fingerprint.stage_settings(cfg, name, given_teacher) for name in self.trainees
+        }
+        mismatched = [m for name in self.trainees for m in self.check_reusable(name)]
+        if mismatched:  # every reusable checkpoint of this folder is checked before any training
+            self.refuse_or_accept(mismatched)
+        self.teacher_origin = self.teacher_source()
         # rank 0 alone logs
         self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main, logger=cfg.logger)
 
@@ -131,8 +184,23 @@ class Experiment:
 
     # --- the stages ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the run folder's lock (the process's end would too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _run(self) -> dict[str, Any]:
         if self.src is None:
             self.prepare()
+        hydra_dir = self.run_dir / ".hydra"
+        if self.dist.is_main and hydra_dir.is_dir():  # see restore_hydra_files
+            shutil.copytree(hydra_dir, self.ckpt_dir / SAVED_HYDRA, dirs_exist_ok=True)
         trained: dict[str, dict[str, Any]] = {}
         with StopFlag() as stop:
             for name, trainee in self.trainees.items():
@@ -140,15 +208,28 @@ class Experiment:
         if not self.dist.is_main:  # rank 0 alone runs the meta-test and writes the summary
             return {"objective": float("nan"), "rank": self.dist.rank}
         learners = {name: t.learner for name, t in self.trainees.items()}
-        return results.meta_test(self, learners, trained)
+        summary = results.meta_test(self, learners, trained)
+        settings = fingerprint.run_settings(self.cfg)
+        write_text_atomic(
+            json.dumps(fingerprint.record(settings), indent=1, sort_keys=True, default=str) + "\n",
+            self.run_dir / FINGERPRINT_FILE,
+        )
+        return summary
 
     def teacher_source(self) -> str:
-        """Where the teacher comes from, as the summary reports it."""
+        """Where the teacher comes from, as the summary reports it (known before any training)."""
         if self.cfg.train.teacher_checkpoint:
             return f"train.teacher_checkpoint={self.cfg.train.teacher_checkpoint}"
         cached = self.cached_teacher()
         if cached is not None and cached.exists():
             return f"shared: {cached}"
+        accepted = self.accepted.get(Stage.teacher)
+        if accepted:
+            path = final_path(self.ckpt_dir, Stage.teacher)
+            return (
+                f"checkpoint {path}, trained with other settings ({fingerprint.summarise(accepted)}), "
+                "loaded because train.accept_mismatch=true"
+            )
         return "trained in this run"
 
     def cached_teacher(self) -> Path | None:
@@ -157,21 +238,86 @@ class Experiment:
         cfg = self.cfg
         if not cfg.train.teacher_cache:
             return None
-        key = {
-            "dataset": to_dict(cfg.dataset),
-            "teacher": to_dict(cfg.teacher),
-            # the teacher's family stands in for the family fields: the students' family is not its own
-            "meta": {
-                **{k: v for k, v in to_dict(cfg.meta).items() if not k.endswith("family")},
-                "family": str(cfg.meta.family_of("teacher")),
-            },
-            "iterations": cfg.train.iterations,
-            "validation": [cfg.train.val_every, cfg.train.val_tasks, cfg.eval.seed, cfg.eval.batch],
-            "seed": cfg.seed,
-            "dtype": str(cfg.dtype),
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return Path(cfg.train.teacher_cache).expanduser() / f"teacher-seed{cfg.seed}-{digest}.pt"
+        name = f"teacher-seed{cfg.seed}-{fingerprint.cache_digest(cfg)}.pt"
+        return Path(cfg.train.teacher_cache).expanduser() / name
+
+    # --- what may be reused ----------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run folder for this process's life.
+
+        Two processes writing one folder would interleave checkpoints of different runs. The
+        lock is ``flock`` on ``run.lock``: the kernel releases it when the process ends, however
+        it ends, so a killed run never leaves a stale lock behind. Under torchrun rank 0 holds it.
+        """
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process ends
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"{self.run_dir} is in use by {holder}: wait for it to finish, or give this run its "
+                "own folder (hydra.run.dir=... or hydra.sweep.dir=...)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"metakd-run pid {os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def check_given_teacher(self, path: Path) -> dict[str, Any] | None:
+        """``train.teacher_checkpoint`` must come from this data set, model and algorithm (its seed,
+        budget and validation may differ: reusing a teacher is what the option is for).
+
+        Returns the given teacher's settings, which the distilled student's fingerprint records."""
+        saved = load(path).get("fingerprint")
+        if not isinstance(saved, dict) or "settings" not in saved:
+            return None  # written before fingerprints: only its shapes can be checked
+        now = fingerprint.stage_settings(self.cfg, Stage.teacher)
+        diffs = fingerprint.differences(saved["settings"], now, fingerprint.GIVEN_TEACHER_IGNORES)
+        if diffs:
+            self.refuse_or_accept([(Stage.teacher.value, path, diffs)], given=True)
+        return dict(saved["settings"])
+
+    def check_reusable(self, name: str) -> list[tuple[str, Path, list[str]]]:
+        """A finished or partial checkpoint of ``name`` in this folder is reused only if it was
+        trained with this run's settings: the checkpoints whose settings differ, with the keys."""
+        if name == Stage.teacher and self.cfg.train.teacher_checkpoint:
+            return []
+        out = []
+        for path in (final_path(self.ckpt_dir, name), self.ckpt_dir / f"{name}_last.pt"):
+            if not path.exists():
+                continue
+            saved = load(path).get("fingerprint")
+            if isinstance(saved, dict) and "settings" in saved:
+                diffs = fingerprint.differences(saved["settings"], self.fingerprints[name])
+            else:
+                diffs = ["fingerprint: none (written by a metakd-run before 0.2, or not by it)"]
+            if diffs:
+                out.append((name, path, diffs))
+        return out
+
+    def refuse_or_accept(self, mismatched: list[tuple[str, Path, list[str]]], given: bool = False) -> None:
+        """One line naming the differing keys and the two ways on; or, accepted, a record of them."""
+        if self.cfg.train.accept_mismatch:
+            for name, path, diffs in mismatched:
+                self.accepted.setdefault(str(name), []).extend(diffs)
+                log.warning("%s: loading %s although its settings differ: %s", name, path, "; ".join(diffs))
+            return
+        where = (
+            "name a teacher trained on this data set, model and algorithm"
+            if given
+            else "give this run a new folder (hydra.run.dir=... or hydra.sweep.dir=...)"
+        )
+        held = "; ".join(f"{path} ({fingerprint.summarise(diffs, 3)})" for _, path, diffs in mismatched)
+        raise SettingsMismatch(
+            f"trained with other settings: {held}. Either {where}, or pass train.accept_mismatch=true "
+            "to load them anyway (the summary reports it)"
+        )
 
     def obtain(self, name: str, trainee: Trainee, stop: StopFlag) -> dict[str, Any]:
         """Load the stage's finished checkpoint if there is one, else train it and save it."""
@@ -179,16 +325,23 @@ class Experiment:
         given = self.cfg.train.teacher_checkpoint if name == Stage.teacher else None
         cached = self.cached_teacher() if name == Stage.teacher else None
         if given:
+            self.reuse[name] = f"loaded: train.teacher_checkpoint={given}"
             return self.load_finished(Path(given).expanduser(), trainee.module, self.teacher_what())
         if path.exists():
+            self.reuse[name] = "loaded: finished earlier in this run folder"
             return self.load_finished(path, trainee.module, f"checkpoint {path}")
         if cached is not None and cached.exists():
+            self.reuse[name] = f"loaded: train.teacher_cache file {cached}"
             result = self.load_finished(cached, trainee.module, f"train.teacher_cache file {cached}")
             if self.dist.is_main:  # the run folder stays complete (metakd_run.load reads it)
-                save_atomic(load(cached), path)
+                state = load(cached)
+                state.setdefault("fingerprint", fingerprint.record(self.fingerprints[name]))
+                save_atomic(state, path)
             return result
         if name not in self.cfg.train.stages:
             raise CheckpointError(f"train.stages leaves out '{name}' but no checkpoint of it exists")
+        resumed = (self.ckpt_dir / f"{name}_last.pt").exists()
+        self.reuse[name] = "trained: resumed from its last checkpoint" if resumed else "trained"
         result = run_stage(self.stage_spec(name, trainee), self.tracker, stop)
         if self.dist.is_main:  # rank 0 alone writes checkpoints
             finished = {
@@ -199,6 +352,7 @@ class Experiment:
                 "dataset": self.cfg.dataset.name,
                 "result": result,
                 "metakd_run": __version__,
+                "fingerprint": fingerprint.record(self.fingerprints[name]),
             }
             save_atomic(finished, path)
             if cached is not None:
@@ -236,6 +390,7 @@ class Experiment:
             dtype=self.dtype,
             on_gradients=self.dist.all_reduce_gradients if self.dist.active else None,
             is_main=self.dist.is_main,
+            fingerprint=fingerprint.record(self.fingerprints[name]),
         )
 
     # --- helpers -------------------------------------------------------------------------------

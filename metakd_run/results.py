@@ -95,6 +95,7 @@ def meta_test(
         "eval": {"split": str(ev.split), "tasks": ev.tasks, "steps": ev.steps, "seed": ev.seed},
         "hparams": key_hparams(cfg),
         "teacher_source": exp.teacher_origin,
+        **({"accepted_mismatch": exp.accepted} if exp.accepted else {}),
         "models": models,
         "comparisons": comparisons(curves_by_model, at, list(ev.report_steps), test_source.task),
         "environment": environment(exp.device),
@@ -109,6 +110,7 @@ def meta_test(
         name: {k: v for k, v in r.items() if k not in TRAINING_KEYS} for name, r in trained.items()
     }
     timings["meta_test_seconds"] = seconds
+    timings["obtained"] = dict(exp.reuse)  # trained, resumed, or loaded (and from where)
     write_outputs(exp, summary, timings, per_task, learners, tasks)
     return summary
 

@@ -243,14 +243,60 @@ def objective_noise(summary: dict[str, Any], val_tasks: Any) -> float | None:
     return float(ci)
 
 
-def collect(sweep_dir: Path) -> list[JobRow]:
-    """One row per job folder (a folder with Hydra's ``.hydra/`` or our ``error.txt``)."""
+SWEEP_ID = ".sweep_id"  # in the sweep folder: this sweep's id; in a job folder: the sweep that last ran it
 
+
+def start_sweep(sweep_dir: Path) -> str:
+    """Give the sweep about to launch a fresh id; each of its jobs copies it into its folder
+    (:func:`stamp_job`), so the summary can leave out the folders of an earlier sweep launched into
+    the same ``hydra.sweep.dir``. A sweep run again to continue stamps every job again."""
+    import uuid
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_id = uuid.uuid4().hex
+    (sweep_dir / SWEEP_ID).write_text(sweep_id + "\n")
+    return sweep_id
+
+
+def stamp_job(sweep_dir: Path, job_dir: Path) -> None:
+    """Mark ``job_dir`` as a job of the sweep now running in ``sweep_dir`` (if it has an id)."""
+    try:
+        sweep_id = (sweep_dir / SWEEP_ID).read_text()
+    except OSError:
+        return
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / SWEEP_ID).write_text(sweep_id)
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
     def is_job(d: Path) -> bool:
         return not d.name.startswith(".") and ((d / ".hydra").is_dir() or (d / "error.txt").is_file())
 
     dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and is_job(d)]
     dirs.sort(key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
+    return dirs
+
+
+def _of_this_sweep(sweep_dir: Path, job_dir: Path) -> bool:
+    """True unless the sweep folder has an id and the job folder was last run by another sweep."""
+    try:
+        sweep_id = (sweep_dir / SWEEP_ID).read_text()
+    except OSError:
+        return True  # a sweep folder from before ids, or read from elsewhere: every job counts
+    try:
+        return (job_dir / SWEEP_ID).read_text() == sweep_id
+    except OSError:
+        return False
+
+
+def stale_jobs(sweep_dir: Path) -> list[str]:
+    """Job folders that an earlier sweep into the same folder left and this sweep did not run."""
+    return [d.name for d in _job_dirs(sweep_dir) if not _of_this_sweep(sweep_dir, d)]
+
+
+def collect(sweep_dir: Path) -> list[JobRow]:
+    """One row per job folder of this sweep (a folder with Hydra's ``.hydra/`` or our ``error.txt``)."""
+    dirs = [d for d in _job_dirs(sweep_dir) if _of_this_sweep(sweep_dir, d)]
     rows = [read_job(d) for d in dirs]
     mark_best(rows)
     return rows
@@ -420,6 +466,13 @@ def write_summary(sweep_dir: Path, rows: list[JobRow]) -> tuple[Path, Path]:
     ]
     if shared:
         lines += ["Overrides shared by every job: `" + " ".join(shared) + "`", ""]
+    stale = stale_jobs(sweep_dir)
+    if stale:
+        lines += [
+            f"Left out: job folders {', '.join(stale)}, left in this folder by an earlier sweep that "
+            "this one did not run.",
+            "",
+        ]
     lines += [f"Teacher: {teacher_line(rows)}.", ""]
     if seeded:
         lines += group_table(groups, setting_keys, metric, higher, verdict)
@@ -656,6 +709,9 @@ def _fmt_stat(stat: Stat | None, metric: str, signed: bool = False) -> str:
 class SweepSummary(Callback):
     """Registered in ``configs/hydra/default.yaml``; Hydra calls it in the process that launched
     the sweep, after every job has returned."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        start_sweep(Path(str(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

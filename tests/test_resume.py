@@ -96,7 +96,17 @@ def test_damaged_and_incompatible_checkpoints_are_refused(run_cli, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     good = tmp_path / "t" / "checkpoints" / "teacher.pt"
 
-    wrong_shape = run_cli(f"train.teacher_checkpoint={good}", "teacher.hidden=[20]", run_dir=tmp_path / "w")
+    other = run_cli(f"train.teacher_checkpoint={good}", "teacher.hidden=[20]", run_dir=tmp_path / "w")
+    assert other.returncode == 2
+    assert "teacher.hidden: [40, 40] -> [20]" in one_error_line(other)  # its fingerprint names the key
+    assert not (tmp_path / "w").exists()
+    # accepting the mismatch still cannot load a wrong shape
+    wrong_shape = run_cli(
+        f"train.teacher_checkpoint={good}",
+        "teacher.hidden=[20]",
+        "train.accept_mismatch=true",
+        run_dir=tmp_path / "w",
+    )
     assert wrong_shape.returncode == 2
     assert "does not fit the configured model" in one_error_line(wrong_shape)
     assert not (tmp_path / "w").exists()
