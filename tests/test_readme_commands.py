@@ -1,6 +1,7 @@
-"""Every ``metakd-run`` command that README.md shows must still compose, so the docs cannot rot.
+"""Every ``metakd-run`` command that README.md and docs/*.md show must still compose, so the docs
+cannot rot; and every relative link among them must lead to a file and heading that exist.
 
-The README is parsed on each run: fenced code blocks (``\\`` continuations, ``$ `` prompts, ``#``
+Each document is parsed on each run: fenced code blocks (``\\`` continuations, ``$ `` prompts, ``#``
 comments) and inline code spans that start a command (after environment assignments such as
 ``METAKD_DATA_ROOT=...``, ``/usr/bin/time`` or ``srun``; ``torchrun ... -m metakd_run.cli`` counts
 too). Each command is composed in this process through Hydra's compose API, with the same config
@@ -29,6 +30,7 @@ import pytest
 from tests.conftest import CONFIGS, ROOT, metakd_run_exe
 
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAM = "metakd-run"
 # How a placeholder reads once filled in; composing (``--cfg job``) does not open these paths.
 PLACEHOLDERS = {"<run>": "outputs/2026-01-01/00-00-00", "<teacher.pt>": "runs/teacher/checkpoints/teacher.pt"}
@@ -39,16 +41,21 @@ TINY = ["train.iterations=2", "eval.tasks=4", "train.val_tasks=2", "train.progre
 
 @dataclass
 class Command:
-    line: int  # where it starts in README.md
+    line: int  # where it starts in its document
     text: str  # as written
     args: list[str] = field(default_factory=list)  # what follows the program
     env: dict[str, str] = field(default_factory=dict)  # VAR=value prefixes
     error: str | None = None  # the documented stderr line, for a command shown failing
     skip: str | None = None  # why it cannot be composed as written
+    doc: str = "README.md"  # the document, relative to the repository root
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc} line {self.line}"
 
     @property
     def id(self) -> str:
-        return f"L{self.line}:{' '.join(self.args)[:70] or PROGRAM}"
+        return f"{Path(self.doc).stem}:L{self.line}:{' '.join(self.args)[:70] or PROGRAM}"
 
 
 def _program_args(words: list[str]) -> tuple[dict[str, str], list[str]] | None:
@@ -223,15 +230,34 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return [[axis[i % len(axis)] for axis in axes] for i in range(max(len(a) for a in axes))]
 
 
-COMMANDS = readme_commands(README.read_text())
+def doc_commands(docs: list[Path]) -> list[Command]:
+    """The commands of every document; one shown in several documents is tried where it first appears."""
+    seen: set[tuple] = set()
+    out: list[Command] = []
+    for doc in docs:
+        for cmd in readme_commands(doc.read_text()):
+            cmd.doc = doc.relative_to(ROOT).as_posix()
+            key = (tuple(cmd.args), tuple(sorted(cmd.env.items())), cmd.error)
+            if key not in seen:
+                seen.add(key)
+                out.append(cmd)
+    return out
+
+
+COMMANDS = doc_commands(DOCS)
 COMPOSED = [c for c in COMMANDS if c.error is None]
 FAILING = [c for c in COMMANDS if c.error is not None]
 
 
-def test_the_readme_shows_commands():
-    """The parser still finds the README's commands (a format change must not empty this file)."""
-    assert len(COMPOSED) >= 20, [c.text for c in COMMANDS]
+def test_the_docs_show_commands():
+    """The parser still finds the commands (a format change must not empty this file), in the README
+    and in the documents under docs/."""
+    assert len(COMPOSED) >= 60, [c.text for c in COMMANDS]
     assert any(overrides_of(c)[1] for c in COMPOSED), "no sweep (-m) found"
+    docs = {c.doc for c in COMPOSED}
+    for name in ("README.md", "docs/configuration.md", "docs/sweeps.md", "docs/results.md", "docs/speed.md"):
+        assert name in docs, sorted(docs)
+    assert FAILING, "no documented error found"
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +275,7 @@ def compose():
 @pytest.mark.parametrize("cmd", COMPOSED, ids=[c.id for c in COMPOSED])
 def test_command_composes(cmd: Command, compose, monkeypatch):
     if cmd.skip:
-        pytest.skip(f"README line {cmd.line}: {cmd.skip}: {cmd.text}")
+        pytest.skip(f"{cmd.where}: {cmd.skip}: {cmd.text}")
     from hydra.errors import ConfigCompositionException, OverrideParseException
     from omegaconf import open_dict
 
@@ -272,9 +298,7 @@ def test_command_composes(cmd: Command, compose, monkeypatch):
                 to_typed(cfg)
         except (ConfigCompositionException, OverrideParseException, ValueError) as err:
             cause = err.__cause__ or err
-            pytest.fail(
-                f"README line {cmd.line} does not compose: {cmd.text}\n  {type(cause).__name__}: {cause}"
-            )
+            pytest.fail(f"{cmd.where} does not compose: {cmd.text}\n  {type(cause).__name__}: {cause}")
 
 
 def _subprocess_cases() -> list[Command]:
@@ -312,7 +336,7 @@ def test_command_prints_its_config(cmd: Command, tmp_path: Path):
         timeout=120,
         env=env,
     )
-    assert proc.returncode == 0, f"README line {cmd.line}: {cmd.text}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, f"{cmd.where}: {cmd.text}\n{proc.stderr[-2000:]}"
     assert "dataset:" in proc.stdout and "meta:" in proc.stdout
 
 
@@ -330,5 +354,68 @@ def test_documented_error_is_what_the_user_sees(cmd: Command, tmp_path: Path):
         env={**os.environ, **cmd.env},
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines == [cmd.error], f"README line {cmd.line}: {cmd.text}\n{proc.stderr[-2000:]}"
+    assert lines == [cmd.error], f"{cmd.where}: {cmd.text}\n{proc.stderr[-2000:]}"
     assert proc.returncode == 2 and not run_dir.exists()
+
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a document's headings: lower case, punctuation dropped, spaces to ``-``."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def relative_links(doc: Path) -> list[tuple[str, Path, str]]:
+    """(link as written, the file it names, its #anchor or "") for every relative link and image."""
+    out = []
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)  # links in code are not links
+    text = re.sub(r"`[^`\n]*`", "", text)
+    for match in LINK.finditer(text):
+        target = match.group(1) or match.group(2)
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        out.append((target, (doc.parent / path).resolve() if path else doc, anchor))
+    return out
+
+
+def broken_links(doc: Path) -> list[str]:
+    """Each relative link of ``doc`` whose file or heading does not exist, with what is missing."""
+    broken = []
+    for target, path, anchor in relative_links(doc):
+        if not path.exists():
+            broken.append(f"{target}: no file {path.name}")
+        elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path.read_text()):
+            broken.append(f"{target}: no heading #{anchor} in {path.name}")
+    return broken
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.relative_to(ROOT).as_posix() for d in DOCS])
+def test_relative_links_lead_somewhere(doc: Path):
+    """A moved section or a renamed heading must not leave a link from another document dangling."""
+    broken = broken_links(doc)
+    assert not broken, f"{doc.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path: Path):
+    """The checker itself: a missing file and a missing heading are found, good links are not."""
+    (tmp_path / "other.md").write_text("# Other doc\n\n## Why it, works?\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "[ok](other.md#why-it-works) [file](other.md) [gone](missing.md) [bad](other.md#nope)\n"
+        "`[code](x.md)` [web](https://x.y) ![img](missing.png) [here](#doc)\n\n# Doc\n"
+    )
+    assert broken_links(doc) == [
+        "missing.md: no file missing.md",
+        "other.md#nope: no heading #nope in other.md",
+        "missing.png: no file missing.png",
+    ]
