@@ -1,0 +1,345 @@
+"""The results ledger: the single source of every published figure.
+
+``results/`` in the repository holds one small record per run that a published table uses (the way
+pytorch-image-models keeps its measured results beside the code): the overrides, the fingerprint of
+the resolved settings, the commit, the machine, the wall and CPU time, the summary and the per-task
+test metric of every model. The docs' result tables are rendered from these records alone, and a
+test renders them again and compares, so a published number cannot drift from the data behind it.
+
+    python -m metakd_run.ledger add results/<study> <run or sweep folder>...   # record finished runs
+    python -m metakd_run.ledger render --write                                # docs' tables from the ledger
+    python -m metakd_run.ledger render --check                                # exit 1 if the docs differ
+
+A study is a folder ``results/<study>/`` with ``study.yaml`` (its title, the command that produced
+its runs, the split it was scored on, the claim it tests) and ``runs/*.json.gz``. Seeds are the
+unit of a claim: each record is one seed of one setting; a table row is a setting over its seeds
+(Student-t 95% intervals, the paired distilled-minus-baseline difference seed by seed, its wins).
+The per-seed means are recomputed from the per-task records, not copied from the summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metakd_run.evaluate import t_interval
+from metakd_run.results import primary_metric
+
+SCHEMA = 1
+BEGIN, END = "<!-- ledger:begin -->", "<!-- ledger:end -->"
+REPO = Path(__file__).resolve().parent.parent
+# Overrides that say how a run was executed, not which setting it is: not part of a row's name.
+EXECUTION_PREFIXES = (
+    "threads",
+    "hydra",
+    "train.teacher_cache",
+    "train.progress",
+    "train.accept_mismatch",
+    "device",
+    "meta.batching",
+    "meta.chunk",
+)
+MODELS = ("teacher", "student_kd", "student_base")
+
+
+class LedgerError(ValueError):
+    """A folder that holds no finished run, or a study folder without its description."""
+
+
+# --- records ---------------------------------------------------------------------------------
+def finished_runs(folder: Path) -> list[Path]:
+    """``folder`` itself if it is a finished run, else its finished sweep jobs (sorted)."""
+    if (folder / "summary.json").is_file():
+        return [folder]
+    jobs = [d for d in folder.iterdir() if d.is_dir() and (d / "summary.json").is_file()]
+    return sorted(jobs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise LedgerError(f"{path} cannot be read as JSON ({err})") from err
+
+
+def _round(values: list[float]) -> list[float]:
+    return [float(f"{v:.6g}") if math.isfinite(v) else v for v in values]
+
+
+def make_record(run: Path) -> dict[str, Any]:
+    """The ledger's record of one finished run folder."""
+    summary = _read_json(run / "summary.json")
+    per_task = _read_json(run / "per_task.json") if (run / "per_task.json").is_file() else {}
+    timings = _read_json(run / "timings.json") if (run / "timings.json").is_file() else {}
+    overrides_file = run / ".hydra" / "overrides.yaml"
+    overrides = []
+    if overrides_file.is_file():
+        overrides = [str(o) for o in yaml.safe_load(overrides_file.read_text()) or []]
+    config_file = run / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    fingerprint_file = run / "fingerprint.json"
+    if fingerprint_file.is_file():
+        fingerprint = _read_json(fingerprint_file).get("digest")
+    else:  # a run from before fingerprints: the resolved config's hash names it
+        import hashlib
+
+        fingerprint = "config-" + hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+    metric, _ = primary_metric(summary.get("task") or "regression")
+    threads = int(config.get("threads") or 0) or int(summary.get("environment", {}).get("threads", 1))
+    return {
+        "schema": SCHEMA,
+        "run": f"{run.parent.name}/{run.name}",
+        "overrides": overrides,
+        "seed": int(config.get("seed", summary.get("hparams", {}).get("seed", 0))),
+        "fingerprint": fingerprint,
+        "commit": summary.get("environment", {}).get("git_commit"),
+        # the summary's environment (device, versions) and the machine that adds the record
+        "machine": {**summary.get("environment", {}), "threads": threads, "host": platform.machine()},
+        "timings": timings,
+        "summary": summary,
+        "per_task": {
+            model: {step: _round(values) for step, values in metrics.get(metric, {}).items()}
+            for model, metrics in per_task.items()
+        },
+    }
+
+
+def record_path(study: Path, record: dict[str, Any]) -> Path:
+    return study / "runs" / f"seed{record['seed']}-{record['fingerprint']}.json.gz"
+
+
+def write_record(study: Path, record: dict[str, Any]) -> Path:
+    """gzip with no timestamp or name inside: the same record gives the same bytes."""
+    path = record_path(study, record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    path.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
+    return path
+
+
+def read_records(study: Path) -> list[dict[str, Any]]:
+    runs = sorted((study / "runs").glob("*.json.gz")) if (study / "runs").is_dir() else []
+    return [json.loads(gzip.decompress(p.read_bytes())) for p in runs]
+
+
+def add(study: Path, folders: list[Path]) -> list[Path]:
+    """Record every finished run of ``folders`` in ``study`` (a folder with ``study.yaml``)."""
+    if not (study / "study.yaml").is_file():
+        raise LedgerError(f"{study} has no study.yaml: create it first (title, command, split, claim)")
+    written = []
+    for folder in folders:
+        runs = finished_runs(folder)
+        if not runs:
+            raise LedgerError(f"{folder} holds no finished run (no summary.json in it or its jobs)")
+        written += [write_record(study, make_record(run)) for run in runs]
+    return written
+
+
+# --- statistics over seeds -------------------------------------------------------------------
+@dataclass
+class Setting:
+    """One row: the records of one setting (the same overrides but for the seed)."""
+
+    name: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def metric(self) -> tuple[str, bool, float]:
+        """The primary metric, whether higher is better, and its display scale (percent)."""
+        metric, higher = primary_metric(self.records[0]["summary"].get("task") or "regression")
+        return metric, higher, 100.0 if metric == "accuracy" else 1.0
+
+    def step(self) -> str:
+        """The reported inner step a row shows: the last of eval.report_steps."""
+        steps = [int(k.split("_")[1]) for k in self.records[0]["per_task"].get("student_kd", {})]
+        return f"step_{max(steps)}" if steps else "step_0"
+
+    def seed_means(self, model: str) -> dict[int, float]:
+        """Each seed's mean over its test tasks, recomputed from the per-task records."""
+        step = self.step()
+        out = {}
+        for r in self.records:
+            values = r["per_task"].get(model, {}).get(step)
+            if values:
+                out[r["seed"]] = sum(values) / len(values)
+        return out
+
+    def parameters(self, model: str) -> int | None:
+        entry = self.records[0]["summary"]["models"].get(model, {})
+        return entry.get("parameters")
+
+    def cpu_minutes(self, model: str) -> float | None:
+        """Mean over seeds of the stage's training wall time x its threads (the teacher's too when
+        it was loaded from the cache: its checkpoint keeps the time it cost)."""
+        times = []
+        for r in self.records:
+            stage = r.get("timings", {}).get(model)
+            if isinstance(stage, dict) and "seconds" in stage:
+                times.append(stage["seconds"] * r["machine"]["threads"] / 60.0)
+        return sum(times) / len(times) if times else None
+
+
+def setting_name(overrides: list[str]) -> str:
+    skip = ("seed", *EXECUTION_PREFIXES)
+    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(skip)]
+    return " ".join(sorted(kept))
+
+
+def settings_of(records: list[dict[str, Any]]) -> list[Setting]:
+    groups: dict[str, Setting] = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        name = setting_name(r["overrides"])
+        groups.setdefault(name, Setting(name)).records.append(r)
+    return list(groups.values())
+
+
+def _stat(values: list[float], scale: float, signed: bool = False) -> str:
+    """``mean ± half-width`` over seeds (percent points for accuracies, 3 digits for losses)."""
+    if not values:
+        return "—"
+    mean, ci = t_interval(values)
+    sign = "+" if signed else ""
+    text = f"{mean * scale:{sign}.1f}" if scale != 1 else f"{mean:{sign}.3g}"
+    if math.isnan(ci):
+        return text
+    return f"{text} ± {ci * scale:.1f}" if scale != 1 else f"{text} ± {ci:.2g}"
+
+
+def setting_row(s: Setting, shown: list[str]) -> list[str]:
+    """The row's cells: the distinguishing overrides, then the three models, the paired
+    difference, wins, gap closed, parameters and CPU minutes."""
+    metric, higher, scale = s.metric()
+    means = {m: s.seed_means(m) for m in MODELS}
+    seeds = sorted(set(means["student_kd"]) & set(means["student_base"]))
+    diffs = [means["student_kd"][k] - means["student_base"][k] for k in seeds]
+    wins = sum(1 for d in diffs if (d > 0 if higher else d < 0))
+    t, kd, base = (sum(means[m].values()) / len(means[m]) if means[m] else math.nan for m in MODELS)
+    gap = (kd - base) / (t - base) * 100 if t == t and t != base else math.nan
+    cpu = [s.cpu_minutes(m) for m in MODELS]
+    params = [s.parameters(m) for m in MODELS]
+    cells = [s.records[0]["overrides"] and _shown(s, shown) or "(preset)", ", ".join(map(str, seeds))]
+    cells += [_stat(list(means[m].values()), scale) for m in MODELS]
+    cells += [_stat(diffs, scale, signed=True), f"{wins}/{len(diffs)}", "—" if gap != gap else f"{gap:.0f}%"]
+    cells += [" / ".join(f"{p:,}" if p else "—" for p in params)]
+    cells += [" / ".join(f"{c:.0f}" if c is not None else "—" for c in cpu)]
+    return cells
+
+
+def _shown(s: Setting, shown: list[str]) -> str:
+    kv = dict(o.split("=", 1) for o in s.name.split() if "=" in o)
+    text = ", ".join(f"{k}={kv[k]}" for k in shown if k in kv)
+    return text or "(shared overrides only)"
+
+
+def varying_keys(settings: list[Setting]) -> list[str]:
+    """The override keys whose values differ between the settings of a study (its rows' names)."""
+    values: dict[str, set[str]] = {}
+    for s in settings:
+        for o in s.name.split():
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    keys = [k for k, v in values.items() if len(v) > 1 or any(k not in s.name for s in settings)]
+    return sorted(keys) or sorted(values)
+
+
+def render_study(study: Path) -> list[str]:
+    """The markdown of one study: heading, command, split, the table, the claim's verdict."""
+    info = yaml.safe_load((study / "study.yaml").read_text())
+    records = read_records(study)
+    lines = [f"### {info['title']}", ""]
+    if info.get("about"):
+        lines += [info["about"].strip(), ""]
+    lines += ["```bash", info["command"].strip(), "```", ""]
+    if not records:
+        return lines + ["No finished run is recorded yet.", ""]
+    settings = settings_of(records)
+    metric, higher, scale = settings[0].metric()
+    step = settings[0].step().replace("step_", "")
+    shown = varying_keys(settings)
+    unit = " (%)" if scale != 1 else ""
+    header = [
+        "setting", "seeds", f"teacher{unit}", f"distilled{unit}", f"baseline{unit}",
+        f"distilled − baseline{unit}", "wins", "gap closed", "parameters (t / d / b)", "CPU min (t / d / b)",
+    ]  # fmt: skip
+    lines += [
+        f"Split: **{info['split']}**; {metric} after {step} inner steps on "
+        f"{len(records[0]['per_task']['student_kd'][f'step_{step}'])} tasks per seed; mean ± Student-t 95% "
+        "interval over seeds; the difference is paired seed by seed.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(setting_row(s, shown)) + " |" for s in settings]
+    where = study.relative_to(REPO) if study.is_relative_to(REPO) else study
+    commits = ", ".join(sorted({str(r["commit"])[:7] for r in records}))
+    lines += ["", f"Records: `{where}/runs/` ({len(records)} runs; commits {commits})."]
+    return lines + [""]
+
+
+def render(results: Path) -> str:
+    """Every study of ``results/`` in the order of ``results/index.yaml``."""
+    order = yaml.safe_load((results / "index.yaml").read_text()).get("studies", [])
+    lines: list[str] = [
+        "<!-- generated by `python -m metakd_run.ledger render --write` from results/; do not edit -->",
+        "",
+    ]
+    for name in order:
+        lines += render_study(results / name)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_block(text: str, block: str, path: Path) -> str:
+    if BEGIN not in text or END not in text:
+        raise LedgerError(f"{path} has no {BEGIN} ... {END} block for the ledger's tables")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{block}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m metakd_run.ledger", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("add", help="record finished runs (a run folder or a sweep folder) in a study")
+    a.add_argument("study", type=Path, help="results/<study> (holding study.yaml)")
+    a.add_argument("folders", type=Path, nargs="+")
+    r = sub.add_parser("render", help="render the docs' result tables from the ledger")
+    r.add_argument("--results", type=Path, default=REPO / "results")
+    r.add_argument("--docs", type=Path, default=REPO / "docs" / "results.md")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="replace the docs' ledger block")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the docs' block differs")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "add":
+            for path in add(args.study, args.folders):
+                print(path)
+            return 0
+        block = render(args.results)
+        if not (args.write or args.check):
+            print(block, end="")
+            return 0
+        text = args.docs.read_text()
+        new = replace_block(text, block, args.docs)
+        if args.check:
+            if new != text:
+                fix = "python -m metakd_run.ledger render --write"
+                print(f"{args.docs}: the ledger's tables differ; run {fix}", file=sys.stderr)
+                return 1
+            return 0
+        args.docs.write_text(new)
+        return 0
+    except LedgerError as err:
+        print(f"metakd-run ledger: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The results ledger: records of finished runs, and the docs' tables rendered from them alone."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metakd_run import ledger
+from metakd_run.evaluate import t_interval
+from tests.conftest import ROOT, TINY, metakd_run_exe
+
+
+def fake_run(folder: Path, seed: int, accuracy: dict[str, list[float]], overrides: list[str]) -> Path:
+    """A finished run folder as the pipeline writes it (the files the ledger reads)."""
+    (folder / ".hydra").mkdir(parents=True)
+    lines = [f"- {o}\n" for o in [*overrides, f"seed={seed}"]]
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(lines))
+    (folder / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nthreads: 1\n")
+    sizes = {"teacher": 1000, "student_kd": 100, "student_base": 100}
+    models = {m: {"parameters": p, "metrics": {}} for m, p in sizes.items()}
+    environment = {"git_commit": "abc1234", "threads": 1}
+    summary = {"task": "classification", "models": models, "environment": environment}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    per_task = {m: {"accuracy": {"step_0": values}} for m, values in accuracy.items()}
+    (folder / "per_task.json").write_text(json.dumps(per_task))
+    timings = {m: {"seconds": 60.0 * (3 if m == "teacher" else 1)} for m in accuracy}
+    (folder / "timings.json").write_text(json.dumps(timings))
+    (folder / "fingerprint.json").write_text(json.dumps({"digest": f"d{seed}" + "0" * 14}))
+    return folder
+
+
+def study(tmp_path: Path) -> Path:
+    s = tmp_path / "results" / "demo"
+    s.mkdir(parents=True)
+    (s / "study.yaml").write_text("title: Demo\ncommand: metakd-run -m seed=0,1,2\nsplit: val\n")
+    (tmp_path / "results" / "index.yaml").write_text("studies: [demo]\n")
+    return s
+
+
+SEEDS = {  # per-task accuracies: the distilled student wins seeds 0 and 2, loses seed 1
+    0: {"teacher": [0.9, 1.0], "student_kd": [0.8, 0.6], "student_base": [0.6, 0.6]},
+    1: {"teacher": [0.9, 0.9], "student_kd": [0.5, 0.5], "student_base": [0.6, 0.6]},
+    2: {"teacher": [1.0, 1.0], "student_kd": [0.7, 0.9], "student_base": [0.6, 0.8]},
+}
+
+
+def test_tables_are_recomputed_from_the_per_task_records(tmp_path):
+    s = study(tmp_path)
+    sweep = tmp_path / "sweep"
+    for seed, acc in SEEDS.items():
+        fake_run(sweep / str(seed), seed, acc, ["kd.weight=2"])
+    written = ledger.add(s, [sweep])
+    assert len(written) == 3 and all(p.suffix == ".gz" for p in written)
+    first = [p.read_bytes() for p in written]
+    assert [p.read_bytes() for p in ledger.add(s, [sweep])] == first  # the same record, the same bytes
+
+    text = ledger.render(tmp_path / "results")
+    row = next(line for line in text.splitlines() if line.startswith("| kd.weight=2"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    kd = [sum(a["student_kd"]) / 2 for a in SEEDS.values()]
+    base = [sum(a["student_base"]) / 2 for a in SEEDS.values()]
+    diff = [k - b for k, b in zip(kd, base)]
+    mean, half = t_interval(diff)
+    assert cells[1] == "0, 1, 2"
+    assert cells[3] == f"{100 * t_interval(kd)[0]:.1f} ± {100 * t_interval(kd)[1]:.1f}"
+    assert cells[5] == f"{100 * mean:+.1f} ± {100 * half:.1f}"
+    assert cells[6] == "2/3"
+    teacher = sum(sum(a["teacher"]) / 2 for a in SEEDS.values()) / 3
+    gap = (sum(kd) / 3 - sum(base) / 3) / (teacher - sum(base) / 3)
+    assert cells[7] == f"{100 * gap:.0f}%"
+    assert cells[8] == "1,000 / 100 / 100" and cells[9] == "3 / 1 / 1"
+
+
+def test_check_fails_when_a_published_number_drifts(tmp_path):
+    s = study(tmp_path)
+    for seed, acc in SEEDS.items():
+        fake_run(tmp_path / "sweep" / str(seed), seed, acc, [])
+    ledger.add(s, [tmp_path / "sweep"])
+    docs = tmp_path / "results.md"
+    docs.write_text(f"# Results\n\n{ledger.BEGIN}\n{ledger.END}\nafter\n")
+    args = ["render", "--results", str(tmp_path / "results"), "--docs", str(docs)]
+    assert ledger.main([*args, "--check"]) == 1
+    assert ledger.main([*args, "--write"]) == 0
+    assert ledger.main([*args, "--check"]) == 0
+    assert docs.read_text().endswith(f"{ledger.END}\nafter\n")
+    docs.write_text(docs.read_text().replace("2/3", "3/3"))
+    assert ledger.main([*args, "--check"]) == 1
+
+
+def test_a_folder_without_a_finished_run_is_one_line(tmp_path):
+    s = study(tmp_path)
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "metakd_run.ledger", "add", str(s), str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    empty = tmp_path / "empty"
+    assert proc.stderr.strip().splitlines() == [
+        f"metakd-run ledger: error: {empty} holds no finished run (no summary.json in it or its jobs)"
+    ]
+
+
+@pytest.mark.slow
+def test_a_real_sweep_goes_into_the_ledger(tmp_path):
+    args = [*metakd_run_exe(), "-m", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = study(tmp_path)
+    paths = ledger.add(s, [tmp_path / "sw"])
+    records = [json.loads(gzip.decompress(p.read_bytes())) for p in paths]
+    assert sorted(r["seed"] for r in records) == [0, 1]
+    for r in records:
+        run = tmp_path / "sw" / r["run"].split("/")[1]
+        per_task = json.loads((run / "per_task.json").read_text())
+        assert r["per_task"]["student_kd"]["step_3"] == pytest.approx(per_task["student_kd"]["mse"]["step_3"], rel=1e-5)
+        assert r["fingerprint"] == json.loads((run / "fingerprint.json").read_text())["digest"]
+        assert r["summary"] == json.loads((run / "summary.json").read_text())
+    rows = [line for line in ledger.render(tmp_path / "results").splitlines() if "| 0, 1 |" in line]
+    assert len(rows) == 1  # one setting, over its two seeds
+
+
+def test_the_docs_tables_equal_the_ledger():
+    """The published tables (docs/results.md) are exactly what the ledger renders."""
+    docs = ROOT / "docs" / "results.md"
+    assert ledger.main(["render", "--results", str(ROOT / "results"), "--docs", str(docs), "--check"]) == 0
+
+
+def test_the_ledger_stays_small():
+    size = sum(p.stat().st_size for p in (ROOT / "results").rglob("*") if p.is_file())
+    assert size < 20 * 2**20
