@@ -119,7 +119,8 @@ def test_a_real_sweep_goes_into_the_ledger(tmp_path):
     for r in records:
         run = tmp_path / "sw" / r["run"].split("/")[1]
         per_task = json.loads((run / "per_task.json").read_text())
-        assert r["per_task"]["student_kd"]["step_3"] == pytest.approx(per_task["student_kd"]["mse"]["step_3"], rel=1e-5)
+        expected = per_task["student_kd"]["mse"]["step_3"]
+        assert r["per_task"]["student_kd"]["step_3"] == pytest.approx(expected, rel=1e-5)
         assert r["fingerprint"] == json.loads((run / "fingerprint.json").read_text())["digest"]
         assert r["summary"] == json.loads((run / "summary.json").read_text())
     rows = [line for line in ledger.render(tmp_path / "results").splitlines() if "| 0, 1 |" in line]
