@@ -85,8 +85,10 @@ class TensorBoardBackend:
         if run not in self.writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writers[run] = SummaryWriter(log_dir=str(self.root / run))
-            self.tags[run] = set()
+            folder = self.root / run
+            # A resumed run (train.resume=, a requeued job) keeps the charts of what it logged before.
+            self.tags[run] = _logged_scalar_tags(folder) if run in MODEL_RUNS else set()
+            self.writers[run] = SummaryWriter(log_dir=str(folder))
         return self.writers[run]
 
     def _route(self, tag: str) -> tuple[str, str]:
@@ -124,7 +126,9 @@ class TensorBoardBackend:
         the final metrics themselves as one table in the Text tab of ``tb/run``."""
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        models = [run for run in MODEL_RUNS if run in self.tags]
+        models = [run for run in MODEL_RUNS if run in self.tags or (self.root / run).is_dir()]
+        for run in models:  # one logged before a resume only: its tags are read back with its writer
+            self._writer(run)
         logged = set().union(*(self.tags[run] for run in models))
         columns = {tag: 0.0 for tag in HPARAMS_METRICS if tag in logged}  # values: read from the curves
         for run in models:
@@ -141,6 +145,16 @@ class TensorBoardBackend:
             writer.flush()
             writer.close()
         self.writers = {}
+
+
+def _logged_scalar_tags(folder: Path) -> set[str]:
+    """The scalar tags already in a model run's event files (scalars only: cheap to read)."""
+    if not any(folder.glob("events.out.tfevents.*")):
+        return set()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 1, "tensors": 1})
+    return set(accumulator.Reload().Tags()["scalars"])
 
 
 def _metrics_table(metrics: Mapping[str, float]) -> str:

@@ -283,3 +283,23 @@ def test_custom_scalars_show_only_charts_that_have_data(tmp_path: Path):
     classification = _layout(tmp_path / "cls")
     assert {"meta-training accuracy (query set)", "validation accuracy"} <= set(classification)
     assert "validation mse" not in classification
+
+
+def test_a_resumed_run_keeps_the_charts_of_what_it_logged_before(tmp_path: Path):
+    """train.resume= (or a requeued job) logs on into the same folders: the Custom Scalars layout,
+    whose last version wins, must still hold the charts of the stages finished before the stop."""
+    first = Tracker(tmp_path)
+    first.scalars("teacher/train", {"loss": 1.0, "outer_lr": 0.001}, 5)
+    first.scalars("student_kd/train", {"loss": 1.0, "kd_loss": 0.2, "kd_weight": 3.0}, 5)
+    first.close()
+    again = Tracker(tmp_path)  # the student_kd stage had finished: only the baseline and the test log now
+    again.scalars("student_base/train", {"loss": 1.2}, 5)
+    again.scalars("student_kd/test_mse_by_step", {"mean": 0.5}, 1)
+    again.hparams({"seed": 0}, {"final/student_kd/mse_step_1": 0.5})
+    again.close()
+    layout = _layout(tmp_path)
+    assert {"distillation term", "learned distillation weight and temperature"} <= set(layout)
+    assert {"meta-training loss", "test mse against inner steps"} <= set(layout)
+    for name in STAGES:  # every model logged in either process is an HParams session
+        content = _accumulator(tmp_path / "tb" / name).PluginTagToContent("hparams")
+        assert "_hparams_/session_start_info" in content, name
