@@ -293,6 +293,24 @@ def open_hdf5(path: Path) -> Iterator[h5py.File]:
         raise DataError(f"{path} is not a readable HDF5 file ({err}): delete it and rebuild it") from err
 
 
+def hdf5_images(path: Path, data: Any, rgb: bool) -> np.ndarray:
+    """One class's images from an HDF5 dataset, as uint8 ``[M, H, W]`` (``[M, H, W, 3]`` if ``rgb``).
+
+    A dataset of another shape or of floats is not torchmeta's layout; read on regardless, it would
+    become images of garbage (a 1-D row resizes to a picture) or a numpy error without the file's
+    name, so it is named here.
+    """
+    ndim, tail = (4, (3,)) if rgb else (3, ())
+    shape = tuple(data.shape)
+    if len(shape) != ndim or shape[3:] != tail or data.dtype.kind not in "ui":
+        expected = "[images, H, W, 3]" if rgb else "[images, H, W]"
+        raise DataError(
+            f"{path}: dataset {data.name} holds {data.dtype} {shape}, expected integer pixels "
+            f"{expected} (torchmeta's layout): rebuild the file"
+        )
+    return np.asarray(data, dtype=np.uint8)
+
+
 # --- by dataset.name -----------------------------------------------------------------------------
 def load_class_images(cfg: Any, split: str, *, workers: int | None = None) -> ClassImages:
     """Split ``split`` (a split *name*, e.g. ``cfg.train_split``) of data set ``cfg.name``.

@@ -38,7 +38,7 @@ from metakd_run.data.archive import ImageFormat
 from metakd_run.data.cache import file_identity
 from metakd_run.data.episodes import ClassImages
 from metakd_run.data.errors import DataError
-from metakd_run.data.images import ImageDataSet, Source, Split, load_split, open_hdf5
+from metakd_run.data.images import ImageDataSet, Source, Split, hdf5_images, load_split, open_hdf5
 
 NAME = "miniimagenet"
 SPLITS = ("train", "val", "test")
@@ -65,8 +65,10 @@ class _Hdf5(Source):
     def read(self, groups: list[str], size: int, workers: int | None, desc: str) -> np.ndarray:
         with open_hdf5(self.path) as f:
             group = _datasets(f)
-            flat = np.concatenate([np.asarray(group[c], dtype=np.uint8) for c in groups])
-        return archive.resize_stack(flat, ImageFormat(_RGB, size))
+            fmt = ImageFormat(_RGB, size)  # per class: classes stored at other sizes still stack
+            return np.concatenate(
+                [archive.resize_stack(hdf5_images(self.path, group[c], rgb=True), fmt) for c in groups]
+            )
 
 
 def _datasets(f: h5py.File) -> h5py.Group:
@@ -242,20 +244,44 @@ def _find_csv(folder: Path, split: Split) -> _Csv | None:
 
 
 def _read_csv(path: Path) -> dict[str, list[str]]:
-    """``{label: [image file names]}`` from a Ravi split file (``filename,label``)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"filename", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{path} must start with the header 'filename,label'")
-        by_class: dict[str, list[str]] = {}
-        for row in reader:
-            name = row["filename"].strip()
-            if "." not in name:
-                name += ".jpg"
-            by_class.setdefault(row["label"].strip(), []).append(name)
+    """``{label: [image file names]}`` from a Ravi split file (``filename,label``).
+
+    A damaged file (not UTF-8 text, a row without its label or with a field too many, an unclosed
+    quote) is one line naming the file and the row, not a traceback from the csv module.
+    """
+    line = 0
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no field
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"filename", "label"} <= set(reader.fieldnames):
+                raise DataError(f"{path} must start with the header 'filename,label'")
+            by_class: dict[str, list[str]] = {}
+            for row in reader:
+                line = reader.line_num
+                name, label = (row.get("filename") or "").strip(), (row.get("label") or "").strip()
+                if not name or not label or None in row:
+                    raise DataError(
+                        f"{path}, line {line}: expected 'filename,label', got "
+                        f"{_raw_row(row, reader.fieldnames)!r}: restore the split file"
+                    )
+                if "." not in name:
+                    name += ".jpg"
+                by_class.setdefault(label, []).append(name)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason}): restore the split file"
+        ) from err
+    except csv.Error as err:
+        raise DataError(f"{path}, line {line + 1}: {err}: restore the split file") from err
     if not by_class:
         raise DataError(f"{path} lists no images: restore the split file")
     return by_class
+
+
+def _raw_row(row: dict[Any, Any], fields: Any) -> str:
+    """The row as the file wrote it, roughly: its fields joined by commas (extra fields too)."""
+    values = [row.get(k) for k in fields] + list(row.get(None) or [])
+    return ",".join("" if v is None else str(v) for v in values)
 
 
 def _check_missing(missing: list[str], total: int, csv_path: Path, where: Path) -> None:

@@ -40,7 +40,7 @@ from metakd_run.data.archive import ImageFormat
 from metakd_run.data.cache import file_identity
 from metakd_run.data.episodes import ClassImages
 from metakd_run.data.errors import DataError
-from metakd_run.data.images import ImageDataSet, Source, Split, load_split, open_hdf5
+from metakd_run.data.images import ImageDataSet, Source, Split, hdf5_images, load_split, open_hdf5
 
 NAME = "omniglot"
 SPLITS = ("train", "val", "test", "trainval")
@@ -196,7 +196,7 @@ def _read_hdf5(path: Path, names: list[str], size: int) -> np.ndarray:
     out = []
     with open_hdf5(path) as f:
         for name in names:
-            stack = np.asarray(f[name], dtype=np.uint8)
+            stack = hdf5_images(path, f[name], rgb=False)
             invert = bool(stack.mean() > 127)  # mostly white: ink is dark, flip it
             out.append(archive.resize_stack(stack, ImageFormat("L", size, invert=invert)))
     return np.concatenate(out)
