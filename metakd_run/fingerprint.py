@@ -59,8 +59,7 @@ def _meta(cfg: Config, role: str) -> dict[str, Any]:
 
 
 def teacher_settings(cfg: Config) -> dict[str, Any]:
-    """The teacher stage's settings, nested; also the ``train.teacher_cache`` key (its file name is
-    :func:`cache_digest` of this, unchanged since the cache was introduced)."""
+    """The teacher stage's settings, nested (flattened by :func:`stage_settings`)."""
     return {
         "dataset": to_dict(cfg.dataset),
         "teacher": to_dict(cfg.teacher),
@@ -121,7 +120,10 @@ def digest(settings: dict[str, Any]) -> str:
 
 
 def cache_digest(cfg: Config) -> str:
-    """The ``train.teacher_cache`` file's digest (the nested teacher settings, execution keys in)."""
+    """The digest that named ``train.teacher_cache`` files before fingerprints (the nested teacher
+    settings, execution keys and the data root in); such files are still found and reused. New
+    files are named by the digest of :func:`stage_settings`, so a teacher is shared whatever path
+    spelling reaches the data or whichever batching strategy trains it."""
     return digest(teacher_settings(cfg))
 
 

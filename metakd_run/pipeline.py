@@ -238,8 +238,11 @@ class Experiment:
         cfg = self.cfg
         if not cfg.train.teacher_cache:
             return None
-        name = f"teacher-seed{cfg.seed}-{fingerprint.cache_digest(cfg)}.pt"
-        return Path(cfg.train.teacher_cache).expanduser() / name
+        folder = Path(cfg.train.teacher_cache).expanduser()
+        own = fingerprint.digest(fingerprint.stage_settings(cfg, Stage.teacher))
+        path = folder / f"teacher-seed{cfg.seed}-{own}.pt"
+        legacy = folder / f"teacher-seed{cfg.seed}-{fingerprint.cache_digest(cfg)}.pt"
+        return legacy if legacy.exists() and not path.exists() else path
 
     # --- what may be reused ----------------------------------------------------------------------
     def lock(self) -> None:

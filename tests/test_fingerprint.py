@@ -140,8 +140,8 @@ def test_a_sweep_run_again_continues_and_leaves_out_stale_jobs(tmp_path):
     assert "meta.inner_lr: 0.01 -> 0.05" in (tmp_path / "sw" / "0" / "error.txt").read_text()
 
 
-def test_the_teacher_cache_names_are_those_of_earlier_versions(compose):
-    """Teachers cached by earlier versions stay reusable: the file name's digest is unchanged."""
+def test_teachers_cached_by_earlier_versions_are_found(compose):
+    """Teachers cached before fingerprints stay reusable: their names' digest is still computed."""
     cfg = to_typed(compose(*TINY))
     meta = {k: v for k, v in to_dict(cfg.meta).items() if not k.endswith("family")}
     key = {
@@ -171,3 +171,16 @@ def test_execution_keys_do_not_change_a_fingerprint(compose):
     assert fingerprint.stage_settings(base, Stage.student_base) == fingerprint.stage_settings(
         other, Stage.student_base
     )
+
+
+def test_the_teacher_cache_is_shared_whatever_the_data_root_spelling(run_cli, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_cli("train.stages=[teacher]", f"train.teacher_cache={cache}", run_dir=tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (cached,) = cache.iterdir()
+    second = run_cli(
+        "train.stages=[teacher]", f"train.teacher_cache={cache}", "meta.batching=loop", run_dir=tmp_path / "b"
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert read_summary(tmp_path / "b")["teacher_source"] == f"shared: {cached}"
+    assert list(cache.iterdir()) == [cached]
