@@ -7,6 +7,7 @@ means get a Student-t interval over seeds.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -16,14 +17,70 @@ from torch import Tensor
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.meta.maml import MAML
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+def t_quantile(df: float, level: float = 0.95) -> float:
+    """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom (2.0395 at 31).
+
+    Exact, without scipy (not a dependency): the two-sided tail ``P(|T| > t)`` is the regularized
+    incomplete beta ``I_x(df/2, 1/2)`` at ``x = df / (df + t^2)``, evaluated by its continued
+    fraction, and ``t`` is found by bisection to float precision. A table up to 30 degrees of
+    freedom with the normal 1.96 beyond understated intervals over 31-120 seeds by up to 4%.
+    """
+    return _t_quantile(float(df), float(level))
 
 
-def t_quantile(df: int) -> float:
-    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+@functools.lru_cache(maxsize=256)
+def _t_quantile(df: float, level: float) -> float:
+    if not df > 0 or not 0 < level < 1:
+        raise ValueError(f"t_quantile needs df > 0 and 0 < level < 1, got df={df}, level={level}")
+    tail = 1.0 - level
+
+    def two_sided_tail(t: float) -> float:
+        return _betainc(df / 2, 0.5, df / (df + t * t))
+
+    lo, hi = 0.0, 1.0
+    while two_sided_tail(hi) > tail:
+        lo, hi = hi, hi * 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if two_sided_tail(mid) > tail else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function ``I_x(a, b)`` (Numerical Recipes' ``betai``)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(log_front) * _beta_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function, by the modified Lentz method; it
+    needs about sqrt(max(a, b)) terms where it is used (``x`` below the mean ``(a+1)/(a+b+2)``)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
+            break
+    return h
 
 
 def fixed_tasks(source, num_tasks: int, seed: int, chunk: int) -> list[TaskBatch]:  # noqa: ANN001

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from metakd_run.config import MetaConfig
 from metakd_run.data.sinusoid import SinusoidTasks
-from metakd_run.distill.losses import Distiller
+from metakd_run.distill.losses import Distiller, make_distance
 from metakd_run.distill.mkd import MetaDistillation
 from metakd_run.meta.maml import MAML
 from metakd_run.models import feature_shapes
@@ -70,6 +70,72 @@ def test_kl_distance_is_the_softened_kl_times_t_squared(temperature: float) -> N
     assert abs(float(ours) - float(ref) * temperature**2) <= 1e-12
     assert float(ours) > 1e-3  # not vacuous
     assert abs(float(kd({"output": t}, {"output": t}))) <= 1e-12
+
+
+def _cosine_reference(s: Tensor, t: Tensor) -> float:
+    """1 - cos(s_i, t_i) per point, written out in float64 sums, averaged over the points."""
+    total = 0.0
+    for a, b in zip(s.reshape(len(s), -1).tolist(), t.reshape(len(t), -1).tolist()):
+        dot = sum(x * y for x, y in zip(a, b))
+        norms = sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5
+        total += 1.0 - dot / norms
+    return total / len(s)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 2, 2)])  # flat features, and conv maps (flattened)
+def test_cosine_distance_against_its_formula(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(3)
+    s, t = (
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.randn(shape, generator=g, dtype=torch.float64),
+    )
+    distance = make_distance("cosine", 1.0)
+    assert float(distance(s, t)) == pytest.approx(_cosine_reference(s, t), rel=1e-12)
+    # by hand: orthogonal 1, same direction at another scale 0, opposite 2: mean 1
+    hand_s = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    hand_t = torch.tensor([[0.0, 3.0], [2.0, 2.0], [-5.0, 0.0]], dtype=torch.float64)
+    assert float(distance(hand_s, hand_t)) == pytest.approx(1.0, abs=1e-12)
+
+
+def _attention_reference(s: Tensor, t: Tensor) -> float:
+    """Zagoruyko & Komodakis's maps written out: per image, the squared activation summed over
+    channels at each position (a flat feature: its squared entries), divided by its L2 norm;
+    the squared differences of the two maps summed over positions, averaged over the images."""
+
+    def maps(f: Tensor) -> list[list[float]]:
+        out = []
+        for image in f.tolist():
+            if f.dim() == 2:
+                a = [x * x for x in image]
+            else:
+                a = [sum(ch[i][j] ** 2 for ch in image) for i in range(f.shape[2]) for j in range(f.shape[3])]
+            norm = sum(x * x for x in a) ** 0.5
+            out.append([x / norm for x in a])
+        return out
+
+    pairs = list(zip(maps(s), maps(t)))
+    return sum(sum((x - y) ** 2 for x, y in zip(a, b)) for a, b in pairs) / len(pairs)
+
+
+def test_attention_distance_against_its_formula() -> None:
+    g = torch.Generator().manual_seed(4)
+    distance = make_distance("attention", 1.0)
+    # conv maps: the channel counts differ (3 vs 5), the spatial sizes agree
+    s, t = (
+        torch.randn(4, 3, 3, 2, generator=g, dtype=torch.float64),
+        torch.randn(4, 5, 3, 2, generator=g, dtype=torch.float64),
+    )
+    assert float(distance(s, t)) == pytest.approx(_attention_reference(s, t), rel=1e-12)
+    flat_s, flat_t = (
+        torch.randn(6, 7, generator=g, dtype=torch.float64),
+        torch.randn(6, 7, generator=g, dtype=torch.float64),
+    )
+    assert float(distance(flat_s, flat_t)) == pytest.approx(_attention_reference(flat_s, flat_t), rel=1e-12)
+    # the channel-summed map ignores the scale and the channel order: the same map gives 0
+    assert float(distance(s, 2.0 * s.flip(1))) == pytest.approx(0.0, abs=1e-12)
+    # by hand: maps [1, 0] and [0, 1] (one channel, 1x2) differ by 2 per image
+    one, other = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 1.0]]]])
+    assert float(distance(one, other)) == pytest.approx(2.0, abs=1e-6)
 
 
 # --- (2) weight 0 is plain MAML ------------------------------------------------------------------------

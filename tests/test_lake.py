@@ -347,11 +347,11 @@ def test_statistics_over_runs_and_the_paired_difference() -> None:
     assert entry["per_run"] == ea
     assert entry["mean"] == pytest.approx(sum(ea) / 5)
     sd = float(np.std(ea, ddof=1))
-    assert entry["ci95"] == pytest.approx(2.776 * sd / math.sqrt(5))  # Student t, 4 degrees of freedom
+    assert entry["ci95"] == pytest.approx(2.7764451051977987 * sd / math.sqrt(5))  # Student t, 4 d.o.f.
     d = [x - y for x, y in zip(ea, eb)]
     pair = section["paired"]["student_kd-student_base"]["alone"]
     assert pair["per_run"] == pytest.approx(d) and pair["mean"] == pytest.approx(sum(d) / 5)
-    assert pair["ci95"] == pytest.approx(2.776 * float(np.std(d, ddof=1)) / math.sqrt(5))
+    assert pair["ci95"] == pytest.approx(2.7764451051977987 * float(np.std(d, ddof=1)) / math.sqrt(5))
     assert (pair["runs_lower"], pair["runs_higher"]) == (1, 3)
     table = lake.format_table(section)
     assert "student (MKD) - student (baseline) (paired)" in table and "people 4.5" in table

@@ -4,13 +4,14 @@ set distances against their direct formulas."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
 
 from metakd_run.data.sinusoid import SinusoidTasks
 from metakd_run.distill.losses import DISTANCES, make_distance
-from metakd_run.evaluate import gap_closed, mean_ci, paired, summarise, t_interval
+from metakd_run.evaluate import gap_closed, mean_ci, paired, summarise, t_interval, t_quantile
 
 
 def test_paired_difference_against_a_hand_computed_example():
@@ -28,22 +29,91 @@ def test_paired_difference_against_a_hand_computed_example():
 def test_t_interval_over_seeds_uses_student_t():
     mean, half = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     assert mean == pytest.approx(3.0)
-    assert half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
+    assert half == pytest.approx(2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5), rel=1e-9)
     assert math.isnan(t_interval([1.0])[1])
+    # 32 seeds: 31 degrees of freedom take 2.0395, not the normal 1.96
+    values = [float(v) for v in range(32)]
+    assert t_interval(values)[1] == pytest.approx(2.0395134464 * statistics.stdev(values) / math.sqrt(32))
 
 
-def test_gap_closed_for_losses_and_accuracies():
+def test_t_quantile_matches_scipy_over_degrees_of_freedom():
+    from scipy import stats
+
+    for df in [*range(1, 201), 500, 1000, 10**4, 10**6]:
+        assert t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9), df
+    for level in (0.5, 0.9, 0.99, 0.999):  # other levels and fractional degrees of freedom
+        for df in (1, 2.5, 7, 50):
+            assert t_quantile(df, level) == pytest.approx(stats.t.ppf(0.5 + level / 2, df), rel=1e-9)
+    with pytest.raises(ValueError, match="df > 0"):
+        t_quantile(0)
+
+
+def test_gap_closed_on_constant_tasks_for_losses_and_accuracies():
     teacher = torch.tensor([1.0, 1.0, 1.0])
     baseline = torch.tensor([3.0, 3.0, 3.0])
     distilled = torch.tensor([2.0, 2.0, 2.0])
     g = gap_closed(teacher, distilled, baseline, higher_is_better=False)
     assert g["value"] == pytest.approx(0.5)
-    assert g["ci95_low"] == pytest.approx(0.5) and g["ci95_high"] == pytest.approx(0.5)
     acc = gap_closed(1 - teacher / 10, 1 - distilled / 10, 1 - baseline / 10, higher_is_better=True)
     assert acc["value"] == pytest.approx(0.5)
     # a distilled student worse than the baseline closes a negative share
     worse = gap_closed(teacher, torch.tensor([4.0, 4.0, 4.0]), baseline, higher_is_better=False)
     assert worse["value"] == pytest.approx(-0.5)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """The linear interpolation between order statistics (numpy's and torch's default)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (pos - lo) * (sorted_values[hi] - sorted_values[lo])
+
+
+@pytest.mark.parametrize("higher_is_better", [False, True])
+def test_gap_closed_bootstrap_is_a_paired_resampling_of_tasks(higher_is_better: bool):
+    """Tasks whose values vary, against the bootstrap written out: each resample draws task indices
+    (the documented generator, seed 0) and takes the SAME tasks for all three models."""
+    g = torch.Generator().manual_seed(5)
+    n, resamples = 40, 500
+    difficulty = torch.rand(n, generator=g, dtype=torch.float64) * 3  # shared by the models: pairing matters
+    teacher = difficulty + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
+    baseline = difficulty + 1.0 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
+    distilled = difficulty + 0.6 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
+    if higher_is_better:
+        teacher, baseline, distilled = -teacher, -baseline, -distilled
+    sign = 1.0 if higher_is_better else -1.0
+
+    def share(idx: list[int]) -> float:
+        t, s, b = (sum(float(x[i]) for i in idx) / len(idx) for x in (teacher, distilled, baseline))
+        return sign * (s - b) / (sign * (t - b))
+
+    draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(0))
+    boot = sorted(share(row) for row in draws.tolist())
+    got = gap_closed(teacher, distilled, baseline, higher_is_better=higher_is_better, resamples=resamples)
+    assert got["value"] == pytest.approx(share(list(range(n))), rel=1e-12)
+    assert 0.3 < got["value"] < 0.6  # not a degenerate case
+    assert got["ci95_low"] == pytest.approx(_quantile(boot, 0.025), rel=1e-9)
+    assert got["ci95_high"] == pytest.approx(_quantile(boot, 0.975), rel=1e-9)
+    assert got["ci95_low"] < got["value"] < got["ci95_high"]
+    # resampling each model's tasks apart would lose the pairing and give a far wider interval
+    apart = [torch.randint(n, (n,), generator=g).tolist() for _ in range(3 * resamples)]
+    unpaired = sorted(
+        sign
+        * (
+            sum(float(distilled[i]) for i in apart[3 * r + 1]) / n
+            - sum(float(baseline[i]) for i in apart[3 * r + 2]) / n
+        )
+        / (
+            sign
+            * (
+                sum(float(teacher[i]) for i in apart[3 * r]) / n
+                - sum(float(baseline[i]) for i in apart[3 * r + 2]) / n
+            )
+        )
+        for r in range(resamples)
+    )
+    paired_width = got["ci95_high"] - got["ci95_low"]
+    assert _quantile(unpaired, 0.975) - _quantile(unpaired, 0.025) > 2 * paired_width
 
 
 def test_summarise_reports_divergence_instead_of_nan():
