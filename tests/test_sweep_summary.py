@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from metakd_run import sweep
@@ -403,7 +404,27 @@ def test_a_seed_sweep_of_a_study_groups_its_seeds_and_trains_one_teacher_per_see
     assert [sources[j].startswith("shared") for j in "0123"] == [False, False, True, True]
     assert "reused a cached one" in groups[0]["teacher"]
     md = (sweep_dir / "sweep_summary.md").read_text()
-    assert "## Settings, over seeds" in md and ("★" in md.split("## Jobs")[0] or "No setting is ahead" in md)
+    # the verdict, recomputed from the jobs' own objectives (lower mse is better): the leader is the
+    # setting with the lower mean; it is starred only if its paired lead over the two seeds has a
+    # 95% t-interval (1 degree of freedom: 12.706) above zero
+    objective = {
+        (cfg["student"]["hidden"][0], cfg["seed"]): json.loads((sweep_dir / j / "summary.json").read_text())[
+            "objective"
+        ]
+        for j in "0123"
+        for cfg in [yaml.safe_load((sweep_dir / j / ".hydra" / "config.yaml").read_text())]
+    }
+    mean = {w: (objective[(w, 0)] + objective[(w, 1)]) / 2 for w in (5, 10)}
+    leader, other = sorted(mean, key=mean.get)
+    lead = [objective[(other, s)] - objective[(leader, s)] for s in (0, 1)]
+    half = 12.706204736174707 * abs(lead[0] - lead[1]) / math.sqrt(2) / math.sqrt(2)  # sd of 2 = |a-b|/sqrt2
+    label = f"student.hidden=[{leader},{leader}]"
+    settings = md.split("## Settings, over seeds")[1].split("## Jobs")[0]
+    if sum(lead) / 2 - half > 0:
+        assert f"★ **{label}** is ahead of every other setting beyond the noise" in settings, settings
+    else:
+        assert "★" not in settings, settings
+        assert f"No setting is ahead of the noise: the best mean objective ({label}: " in settings, settings
     study = (sweep_dir / "study.md").read_text()
     assert "| 46 | student.hidden=[5,5] | 2 |" in study and "| 141 | student.hidden=[10,10] | 2 |" in study
     assert (sweep_dir / "study.png").stat().st_size > 0
