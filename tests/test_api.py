@@ -36,9 +36,15 @@ def test_load_adapt_predict_matches_the_meta_test(tmp_path, run_cli):
     per_task = json.loads((run / "per_task.json").read_text())
     expected = per_task["student_kd"]["mse"][f"step_{cfg.eval.steps}"][: batch.num_tasks]
     assert mse == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    # adaptation changes the prediction; the initialisation is untouched by it
+    # adaptation changes the prediction (towards the task: lower query MSE than the initialisation's)
     before = student.predict(batch.query_x[0])
-    student.adapt(batch.support_x[0], batch.support_y[0])
+    fast = student.adapt(batch.support_x[0], batch.support_y[0])
+    adapted = student.predict(batch.query_x[0], fast)
+    assert not torch.allclose(adapted, before)
+    assert ((adapted - batch.query_y[0]) ** 2).mean() < ((before - batch.query_y[0]) ** 2).mean()
+    initial = per_task["student_kd"]["mse"]["step_0"][0]
+    assert float(((before - batch.query_y[0]) ** 2).mean()) == pytest.approx(initial, rel=1e-4, abs=1e-6)
+    # ... and the initialisation is untouched by it
     assert torch.equal(before, student.predict(batch.query_x[0]))
 
 
