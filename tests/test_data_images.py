@@ -2,7 +2,8 @@
 
 Tiny data sets are generated per test in ``tmp_path`` in each supported layout (a handful of
 105x105 1-bit PNG characters, a few 84x84 JPEG classes), so the module runs in seconds. The
-tests at the end read the real data from ``$METAKD_DATA_ROOT`` and skip when it is not set.
+tests at the end read the real data from ``$METAKD_DATA_ROOT``: they skip when it is not set, and
+fail when it is set and the data does not load.
 """
 
 from __future__ import annotations
@@ -766,21 +767,19 @@ def test_a_new_data_set_plugs_into_the_one_loader(tmp_path: Path, monkeypatch) -
 
 # --- the real data sets (skipped unless METAKD_DATA_ROOT names them) -------------------------
 def _real_root() -> Path:
+    """``$METAKD_DATA_ROOT``; unset: the test skips. Set, it must name a folder: a root that is set
+    but wrong, or data there that does not load, fails the test instead of hiding behind a skip."""
     value = os.environ.get("METAKD_DATA_ROOT")
-    if not value or not Path(value).is_dir():
-        pytest.skip("METAKD_DATA_ROOT is not set to a data folder")
+    if not value:
+        pytest.skip("METAKD_DATA_ROOT is not set")
+    assert Path(value).is_dir(), f"METAKD_DATA_ROOT={value} is not a folder"
     return Path(value)
 
 
 def _real(name: str, split: str):
-    root = _real_root()
+    """The real ``name`` split under ``$METAKD_DATA_ROOT``; any loader error fails the test."""
     cfg_cls = OmniglotConfig if name == "omniglot" else MiniImageNetConfig
-    try:
-        return load_class_images(cfg_cls(root=str(root)), split)
-    except DataError as err:
-        if "no Omniglot data" in str(err) or "no miniImageNet data" in str(err):
-            pytest.skip(str(err))
-        raise
+    return load_class_images(cfg_cls(root=str(_real_root())), split)
 
 
 @pytest.mark.parametrize("split,classes", [("train", 4112), ("val", 688), ("test", 1692)])
@@ -801,9 +800,10 @@ def test_real_miniimagenet_split(split: str, classes: int) -> None:
 
 
 def test_real_miniimagenet_test_split_is_missing() -> None:
+    """The shared copy holds test.csv but not the test classes' images (see its README): the split
+    is named as incomplete, with the count; a complete copy loads."""
     root = _real_root()
-    if not (root / "miniimagenet" / "test.csv").is_file():
-        pytest.skip("no miniimagenet/test.csv under METAKD_DATA_ROOT")
+    assert (root / "miniimagenet" / "test.csv").is_file(), f"no miniimagenet/test.csv under {root}"
     try:
         data = load_class_images(MiniImageNetConfig(root=str(root)), "test")
     except DataError as err:

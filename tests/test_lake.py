@@ -3,7 +3,8 @@
 The fixture runs are written per test in the official layout (``runNN/training/classKK.png``,
 ``runNN/test/itemKK.png``, ``runNN/class_labels.txt``) from the tiny Omniglot drawings of
 ``test_data_images``, so a run's drawing is also a drawing of the tiny Omniglot. The tests at the
-end read the real runs from ``$METAKD_DATA_ROOT`` and skip when it is not set.
+end read the real runs from ``$METAKD_DATA_ROOT``: they skip when it is not set, and fail when it
+is set and the runs are not there.
 """
 
 from __future__ import annotations
@@ -444,13 +445,13 @@ def test_cli_refuses_other_ways_before_training(run_cli, tmp_path: Path) -> None
 
 # --- the real runs (skipped unless METAKD_DATA_ROOT names them) -----------------------------------------
 def _real_root() -> Path:
+    """``$METAKD_DATA_ROOT``; unset: the test skips. Set, the runs must be found there: a DataError
+    from ``locate`` fails the test instead of hiding behind a skip."""
     value = os.environ.get("METAKD_DATA_ROOT")
-    if not value or not Path(value).is_dir():
-        pytest.skip("METAKD_DATA_ROOT is not set to a data folder")
-    try:
-        locate(value)
-    except DataError as err:
-        pytest.skip(str(err))
+    if not value:
+        pytest.skip("METAKD_DATA_ROOT is not set")
+    assert Path(value).is_dir(), f"METAKD_DATA_ROOT={value} is not a folder"
+    locate(value)
     return Path(value)
 
 
