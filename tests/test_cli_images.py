@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
+
 import pytest
 import torch
 
@@ -41,9 +45,17 @@ def test_miniimagenet_pipeline_runs_and_logs_accuracy(run_cli, tmp_path, mini_ro
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = read_summary(run_dir)
     assert summary["task"] == "classification" and summary["eval"]["split"] == "val"
+    per_task = json.loads((run_dir / "per_task.json").read_text())
     for name in ("teacher", "student_kd", "student_base"):
         acc = summary["models"][name]["metrics"]["accuracy"]
-        assert 0.0 <= acc["step_3"]["mean"] <= 1.0
+        # the summary's mean and interval are those of the per-task accuracies it wrote beside it,
+        # each a count of a task's 2 x 2 query images
+        tasks = per_task[name]["accuracy"]["step_3"]
+        assert len(tasks) == summary["eval"]["tasks"] == 10
+        assert all(a * 4 == round(a * 4) for a in tasks), tasks
+        assert acc["step_3"]["mean"] == pytest.approx(sum(tasks) / len(tasks), abs=1e-12)
+        half = 1.96 * statistics.stdev(tasks) / math.sqrt(10)
+        assert acc["step_3"]["ci95"] == pytest.approx(half, abs=1e-12)
     # the student's 2-channel block2 was projected to the teacher's 4 channels by a 1x1 conv
     state = torch.load(run_dir / "checkpoints" / "student_kd.pt", weights_only=True)["state_dict"]
     assert state["distiller.projections.block2__to__block2.weight"].shape == (4, 2, 1, 1)

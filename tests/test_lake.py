@@ -418,7 +418,12 @@ def test_cli_scores_the_three_models_on_the_runs(run_cli, tmp_path: Path, capsys
     for name in ("teacher", "student_kd", "student_base"):
         for mode in lake.MODES:
             entry = section["models"][name]["error"][mode]
-            assert len(entry["per_run"]) == RUNS and 0.0 <= entry["mean"] <= 1.0
+            # each run's error is a count of its WAYS test items; mean and t-interval recomputed here
+            assert len(entry["per_run"]) == RUNS
+            assert all(e * WAYS == pytest.approx(round(e * WAYS)) for e in entry["per_run"]), entry
+            assert entry["mean"] == pytest.approx(sum(entry["per_run"]) / RUNS)
+            sd = float(np.std(entry["per_run"], ddof=1))
+            assert entry["ci95"] == pytest.approx(12.706204736174707 * sd / math.sqrt(RUNS), abs=1e-12)
     assert set(section["paired"]["student_kd-student_base"]) == set(lake.MODES)
     assert "Lake et al.'s 2 one-shot runs (4-way" in proc.stdout and "people 4.5" in proc.stdout
     scalars = TensorBoardRuns(run_dir).tags("scalars")
