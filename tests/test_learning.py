@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import pickle
 import subprocess
 from pathlib import Path
@@ -308,3 +309,32 @@ def test_stage_ends_on_the_weights_of_its_best_validation(
         assert torch.equal(final[k], v), k
     # the last weights were different (training moved on), so the restore did something
     assert any(not torch.equal(seen[2][k], seen[1][k]) for k in final)
+
+
+# --- the outer learning rate's schedule -----------------------------------------------------------
+@pytest.mark.parametrize("schedule", [OuterSchedule.cosine, OuterSchedule.constant])
+def test_outer_rate_follows_the_closed_form_schedule(tmp_path: Path, schedule: OuterSchedule) -> None:
+    """The rate each meta-iteration k (0-based) of a T-iteration stage steps with, as logged:
+    cosine ``lr_min + (lr - lr_min) (1 + cos(pi k / T)) / 2``, or ``lr`` throughout."""
+    source = SinusoidTasks((0.1, 5.0), (0.0, 3.141592653589793), (-5.0, 5.0), 5, 5, 0.0)
+    lr, lr_min, total = 0.01, 0.002, 16
+    meta = MetaConfig(inner_lr=0.01, meta_batch=2, outer_lr=lr, outer_schedule=schedule, outer_lr_min=lr_min)
+    learner = build.learner(MLPConfig(hidden=[8]), "teacher", source, meta, seed=0)
+    logged: dict[int, float] = {}
+
+    def scalars(prefix: str, metrics: dict[str, float], step: int) -> None:
+        if prefix == "teacher/train":
+            logged[step] = metrics["outer_lr"]
+
+    train = TrainConfig(iterations=total, val_every=total, val_tasks=1, log_every=1, checkpoint_every=100,
+                        progress=False)  # fmt: skip
+    spec = StageSpec("teacher", learner, learner, learner.meta_backward, lambda it, g: source.sample(2, g),
+                     fixed_tasks(source, 2, 1, 2), meta, train, 3, tmp_path, CPU, torch.float32)  # fmt: skip
+    with StopFlag() as stop:
+        run_stage(spec, SimpleNamespace(scalars=scalars), stop)
+    assert sorted(logged) == list(range(1, total + 1))  # logged after iteration k + 1
+    if schedule == OuterSchedule.cosine:
+        expected = [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)]
+    else:
+        expected = [lr] * total
+    assert [logged[k + 1] for k in range(total)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
