@@ -95,9 +95,11 @@ def run(cfg: DictConfig, run_dir: Path, keep_finished: bool = False) -> float:
     ``keep_finished`` (a sweep job): a folder that already holds this job's finished result, with
     the same settings, is kept as it is, so that a sweep run again into its folder continues."""
     fresh_dir = run_dir
+    _RUNNING["dir"] = run_dir  # named by a Ctrl-C that lands outside the training loop
     try:
         if cfg.train.resume:
             cfg, run_dir = resume_config(cfg)
+            _RUNNING["dir"] = run_dir
         typed = to_typed(cfg)
         if typed.threads > 0:
             import torch
@@ -136,6 +138,8 @@ def run(cfg: DictConfig, run_dir: Path, keep_finished: bool = False) -> float:
             f"{err}. Resume with: metakd-run train.resume={run_dir}", status=128 + err.signum
         ) from err
 
+
+_RUNNING: dict[str, Path] = {}  # the run folder of this process's run, once main() has one
 
 # Overrides that a resumed run honours: they change how it runs, not what it computes.
 RESUME_HONOURS = ("train.resume", "train.progress", "train.accept_mismatch", "threads", "device")
@@ -291,10 +295,8 @@ def _resume_hint() -> str:
     """How to carry on after a Ctrl-C that reached us outside the training loop."""
     if {"-m", "--multirun"} & set(sys.argv[1:]):  # the sweep's parent: each job printed its own line
         return "Resume each interrupted job with: metakd-run train.resume=<sweep folder>/<job>"
-    if HydraConfig.initialized():
-        resumed = [o.split("=", 1)[1] for o in _task_overrides() if o.startswith("train.resume=")]
-        folder = resumed[-1] if resumed else HydraConfig.get().runtime.output_dir
-        return f"Resume with: metakd-run train.resume={folder}"
+    if "dir" in _RUNNING:
+        return f"Resume with: metakd-run train.resume={_RUNNING['dir']}"
     return "Nothing was trained yet"
 
 

@@ -191,13 +191,30 @@ class MLflowBackend:
         self, run_dir: str | Path, tracking_uri: str | None, experiment_name: str, run_name: str | None
     ) -> None:
         try:
-            from mlflow.tracking import MlflowClient
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient  # noqa: F401 - the client _start builds
         except ImportError as err:
             raise ConfigError(
-                'logger=mlflow needs MLflow: pip install ".[mlflow]" (or choose logger=tensorboard)'
+                f"logger=mlflow needs MLflow, which cannot be imported ({err}): "
+                'pip install "metakd-run[mlflow]" (in a checkout: pip install -e ".[mlflow]"), '
+                "or choose logger=tensorboard"
             ) from err
         run_dir = Path(run_dir)
         self.uri = tracking_uri or (run_dir / "mlruns").resolve().as_uri()
+        _check_reachable(self.uri)
+        try:
+            self._start(run_dir, experiment_name, run_name)
+        except MlflowException as err:  # a server that answers but refuses: before training, one line
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"logger.tracking_uri={self.uri}: MLflow could not start the run ({message}); fix the "
+                "server or choose another logger"
+            ) from err
+
+    def _start(self, run_dir: Path, experiment_name: str, run_name: str | None) -> None:
+        """Create this run's MLflow run, or reopen it when the run folder is resumed."""
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(tracking_uri=self.uri)
         id_file = run_dir / "mlflow_run.txt"
         saved = id_file.read_text().split() if id_file.is_file() else []
@@ -326,6 +343,30 @@ def make_backend(run_dir: str | Path, logger: Mapping[str, Any] | Any | None) ->
     if kind == "none":
         return None
     raise ConfigError(f"logger.backend={kind!r} is invalid: choose tensorboard, mlflow or none")
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An ``http(s)`` tracking server that does not accept a connection is one line, in seconds.
+
+    MLflow's client retries a refused connection with backoff for minutes, then raises a traceback;
+    the backend is built before the first iteration, so this fails before any training instead.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise ConfigError(
+            f"logger.tracking_uri={uri} does not answer ({reason}): start the MLflow server, fix the "
+            "address, or set logger.tracking_uri=null (a store in the run folder)"
+        ) from err
 
 
 def _mlflow_key(key: str) -> str:
