@@ -170,7 +170,9 @@ def test_help_lists_exactly_the_option_files():
     proc = metakd_run(CONFIGS.parent, "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "schema" not in proc.stdout, [ln for ln in proc.stdout.splitlines() if "schema" in ln]
-    listing = proc.stdout.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    # the help template's groups section, up to the next section ("== Examples ==")
+    listing = re.split(r"^== Config groups.*==$", proc.stdout, maxsplit=1, flags=re.M)[1]
+    listing = re.split(r"^== ", listing, maxsplit=1, flags=re.M)[0]
     shown = {}
     for line in listing.splitlines():
         if re.match(r"^[\w/@]+: ", line):
