@@ -8,8 +8,14 @@ or a family's loss stopped carrying a gradient:
 - on a small synthetic image set whose classes are separable but hidden behind a larger
   distraction, MAML, MAML++, ProtoNet and a distilled student reach an accuracy far above chance,
   where their untrained initialisations stay near it;
+- distillation pulls the student towards the adapted teacher: closer than the same student
+  trained without the term (so a distillation term that adds nothing fails);
 - the real console script does the same end to end (subprocess, summary.json, per_task.json);
-- a stage ends with the weights of its best validation, not its last ones.
+- a stage ends with the weights of its best validation, not its last ones;
+- the outer rate follows the closed-form cosine schedule.
+
+Each was checked against the breakage it guards: every ``optimizer.step()`` of training.py made a
+no-op, MAML's and ProtoNet's query losses times 0, the distillation term times 0.
 
 The image classes: channel 0 carries a class's own 4x4 block pattern at low contrast; channels 1
 and 2 carry a fresh random block pattern per image at higher contrast. An untrained network mixes
