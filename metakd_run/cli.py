@@ -7,9 +7,11 @@ half-written left behind; a traceback means a bug of ours.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +135,14 @@ def run(cfg: DictConfig, run_dir: Path, keep_finished: bool = False) -> float:
         raise UserError(str(err)) from err
     except TrainingDiverged as err:
         raise UserError(str(err), status=1) from err
+    except OSError as err:  # a full disk under a writer we do not own (TensorBoard's event thread)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _discard(fresh_dir)  # only if it holds nothing but bookkeeping
+        raise UserError(
+            f"could not write {err.filename or run_dir}: {err.strerror}; free space or point "
+            f"hydra.run.dir elsewhere, then resume with: metakd-run train.resume={run_dir}"
+        ) from err
     except Interrupted as err:
         raise UserError(
             f"{err}. Resume with: metakd-run train.resume={run_dir}", status=128 + err.signum
@@ -257,9 +267,18 @@ def version_text() -> str:
     return f"metakd-run {__version__}\ntorch {torch.__version__}\nHydra {hydra.__version__}"
 
 
+def _thread_excepthook(args: Any) -> None:
+    """A full disk in a writer's thread (TensorBoard's event writer) stays quiet there: the writer
+    raises it again in the main thread at its next write or close, where ``run`` makes it one line."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT):
+        return
+    threading.__excepthook__(args)
+
+
 def entry() -> Any:
     """Console script: Hydra's errors are re-raised to us (HYDRA_FULL_ERROR) and shown as one line."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    threading.excepthook = _thread_excepthook
     if "--version" in sys.argv[1:]:  # ours, not Hydra's (which would name only itself)
         print(version_text())
         sys.exit(0)

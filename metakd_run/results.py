@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from metakd_run import __version__
-from metakd_run.checkpoint import write_text_atomic
+from metakd_run.checkpoint import write_bytes_atomic, write_text_atomic
 from metakd_run.config import Config, Split, Stage, to_yaml
 from metakd_run.evaluate import adaptation_curves, curve_steps, fixed_tasks, gap_closed, paired, summarise
 from metakd_run.meta.maml import MAML
@@ -173,10 +173,10 @@ def write_outputs(
     from metakd_run import plots
 
     fig = plots.test_tasks_figure(learners, tasks[0], cfg, exp.device, exp.dtype)
-    fig.savefig(run_dir / "test_tasks.png", dpi=110, bbox_inches="tight")
+    save_png(fig, run_dir / "test_tasks.png")
     tracker.figure("eval/test_tasks", fig)
     curve_fig = plots.adaptation_figure(summary)
-    curve_fig.savefig(run_dir / "adaptation.png", dpi=110, bbox_inches="tight")
+    save_png(curve_fig, run_dir / "adaptation.png")
     tracker.figure("eval/adaptation_curve", curve_fig)
     plots.close(fig, curve_fig)
     for name, model in summary["models"].items():
@@ -187,6 +187,16 @@ def write_outputs(
     tracker.text("config", "```yaml\n" + to_yaml(cfg) + "\n```")
     tracker.hparams(summary["hparams"], final_metrics(summary))
     tracker.close()
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """A figure as a PNG through the atomic writer: a full disk leaves the previous file (or none),
+    never half an image, and is the same one line as for a checkpoint."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_bytes_atomic(buffer.getbuffer(), path)
 
 
 def mamlpp_options(meta: Any) -> str:

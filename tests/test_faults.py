@@ -204,6 +204,30 @@ def test_full_disk_mid_run_is_one_line_keeps_the_checkpoint_and_resumes(
 
 
 @pytest.mark.slow
+def test_full_disk_under_tensorboards_writer_is_one_line(tmp_path: Path, small_disk: Path) -> None:
+    """The event file's thread meets the full disk first (a scalar every iteration, a checkpoint every
+    100): no thread traceback, one line naming the run folder, and the run resumes."""
+    run_dir = small_disk / "run"
+    often = [*LONGER, "train.log_every=1", "train.checkpoint_every=100"]
+    proc = popen([*often, f"hydra.run.dir={run_dir}"], tmp_path)
+    last = run_dir / "checkpoints" / "teacher_last.pt"
+    wait_for(last, proc)
+    filler = small_disk / "filler"
+    fill(filler)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    line = one_error_line(subprocess.CompletedProcess([], 2, "", err))
+    assert "No space left on device" in line and f"train.resume={run_dir}" in line
+    assert not half_written(run_dir)
+    assert load(last)["iteration"] == 100
+
+    filler.unlink()
+    resumed = run([f"train.resume={run_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run_dir / "summary.json").is_file()
+
+
+@pytest.mark.slow
 def test_full_disk_while_writing_the_results_is_one_line(tmp_path: Path, small_disk: Path) -> None:
     """Every stage done, the disk fills before the meta-test writes summary.json and the figures."""
     run_dir = small_disk / "run"
