@@ -312,6 +312,11 @@ def entry() -> Any:
 
 def _resume_hint() -> str:
     """How to carry on after a Ctrl-C that reached us outside the training loop."""
+    if any(a.startswith("hydra/launcher=slurm") for a in sys.argv[1:]):  # the jobs are SLURM's
+        return (
+            "Only the wait stopped: the SLURM jobs run on and write into the sweep folder "
+            "(squeue shows them, scancel stops them, each then resumes with train.resume=<its folder>)"
+        )
     if {"-m", "--multirun"} & set(sys.argv[1:]):  # the sweep's parent: each job printed its own line
         return "Resume each interrupted job with: metakd-run train.resume=<sweep folder>/<job>"
     if "dir" in _RUNNING:
