@@ -22,12 +22,14 @@ from typing import Any
 
 from metakd_run.config import Config, Stage, to_dict
 
-# Keys that change how a run executes or what it shows, never what it computes.
+# Keys that change how a run executes or what it shows, never what a stage computes. (The test
+# split shapes no stage: only the meta-test reads it, and the run's fingerprint holds it.)
 EXECUTION_KEYS = frozenset(
     {
         "dataset.root",
         "dataset.cache_dir",
         "dataset.download",
+        "dataset.test_split",
         "meta.batching",
         "meta.chunk",
     }
@@ -106,6 +108,7 @@ def run_settings(cfg: Config) -> dict[str, Any]:
         if key not in ("plot_tasks",):  # figures only
             settings[f"eval.{key}"] = value
     settings["stages"] = [str(s) for s in cfg.train.stages]
+    settings["dataset.test_split"] = getattr(cfg.dataset, "test_split", None)
     return settings
 
 

@@ -19,11 +19,12 @@ one line in :mod:`metakd_run.data.registry`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -163,7 +164,16 @@ def load_split(
 
     Decoded once and cached in ``cache_dir`` (None: no cache). ``download`` fetches missing
     files where the data set can; otherwise it only changes the advice when data are missing.
+    ``split`` may take a slice of a split's classes, ``train@:48`` or ``train@48:`` (a Python
+    slice of the split's own class order; Hydra's override grammar has no unquoted brackets):
+    disjoint class sets carved from one split, e.g. to choose settings on classes held out of
+    training when a copy of the data lacks its test classes.
     """
+    sliced = CLASS_SLICE.fullmatch(split)
+    if sliced is not None:
+        options: dict[str, Any] = {"cache_dir": cache_dir, "download": download, "workers": workers}
+        whole = load_split(dataset, root, sliced["base"], image_size, **options)
+        return _class_slice(whole, split, sliced["start"], sliced["stop"])
     root = Path(root).expanduser()
     resolved = dataset.split(split)
     source = locate(dataset, root, resolved, download)
@@ -187,6 +197,20 @@ def load_split(
         result.path,
         result.built_s,
     )
+
+
+CLASS_SLICE = re.compile(r"(?P<base>[^@]+)@(?P<start>\d*):(?P<stop>\d*)")
+
+
+def _class_slice(whole: ClassImages, name: str, start: str, stop: str) -> ClassImages:
+    """Classes ``start:stop`` of ``whole`` (a Python slice of its class order), named ``name``."""
+    n = len(whole.classes)
+    a, b = int(start) if start else 0, int(stop) if stop else n
+    if not 0 <= a < b <= n:
+        raise DataError(
+            f"split '{name}' selects no classes: '{whole.split}' has {n} classes; use a slice within 0:{n}"
+        )
+    return replace(whole, images=whole.images[a:b], classes=list(whole.classes[a:b]), split=name)
 
 
 def candidate_folders(dataset: ImageDataSet, root: Path) -> list[Path]:
