@@ -81,11 +81,20 @@ class StopFlag:
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        late = exc is None and self.signum is not None
+        if late:
+            # The signal came after the last stage's last check (its final validation, its save):
+            # every stage is saved, and the user asked to stop, not to sit through the meta-test.
+            exc = Interrupted(
+                f"stopped by signal {self.signum} after the last stage; every stage is saved", self.signum
+            )  # type: ignore[arg-type]
         if isinstance(exc, Interrupted) and self._requeue is not None and exc.signum == self._requeue[0]:
             from metakd_run.slurm import hand_over
 
             reason = hand_over(self._requeue[1], exc.signum, str(exc))  # exits when requeued
             raise Interrupted(f"{exc}; not requeued: {reason}", exc.signum) from exc
+        if late:
+            raise exc
 
 
 @dataclass
