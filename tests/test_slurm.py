@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -274,3 +275,25 @@ def test_optuna_study_in_sqlite_resumes_where_it_stopped(tmp_path: Path):
     if len(first) == 2:  # the killed trial has no result: the search ends saying so
         assert table["1"]["status"] == "no result"
         assert again.returncode == 1 and "job 1: no result" in last_line(err)
+
+
+def test_ctrl_c_on_the_wait_leaves_the_jobs_running(slurm_cluster: LocalCluster, tmp_path: Path):
+    """Ctrl-C reaches only the command waiting for the job array: one line and exit 130, and the
+    SLURM job runs on to its result in the sweep folder (it is SLURM's, not the waiter's)."""
+    proc, sweep_dir = sweep(tmp_path, *LONGER, "seed=3", "hydra.launcher.timeout_min=60")
+    wait_for(sweep_dir / "0" / "checkpoints" / "teacher_last.pt", proc)
+    job_id = array_job(sweep_dir, 0)
+    proc.send_signal(signal.SIGINT)
+    _, err = finish(proc)
+    assert proc.returncode == 130, err[-3000:]
+    line = last_line(err)
+    assert line.startswith("metakd-run: error: interrupted (SIGINT). Only the wait stopped")
+    assert "Traceback" not in err
+    summary = sweep_dir / "0" / "summary.json"
+    deadline = time.time() + 240
+    while not summary.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert summary.is_file(), job_log(sweep_dir / "0")[-2000:]
+    while slurm_cluster.job_state(job_id) in ("RUNNING", "COMPLETING") and time.time() < deadline + 60:
+        time.sleep(0.5)
+    assert slurm_cluster.job_state(job_id) == "COMPLETED"
