@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.func import functional_call
 
 from metakd_run import build
 from metakd_run.checkpoint import CheckpointError, load_state
@@ -53,20 +52,16 @@ class Learner:
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Params:
         """Parameters adapted to one task's support set (default: the run's test steps)."""
         steps = self.config.eval.steps if steps is None else steps
-        params, lrs = self.maml.frozen()
         p = next(self.model.parameters())
         sx = support_x.to(p.device, p.dtype)
         sy = support_y.to(p.device, p.dtype if self.maml.task == "regression" else torch.long)
-        with torch.no_grad():
-            return self.maml.adapt(params, lrs, sx, sy, steps=steps, create_graph=False)
+        return self.maml.adapt_frozen(sx, sy, steps)
 
-    @torch.no_grad()
     def predict(self, x: Tensor, params: Params | None = None) -> Tensor:
         """Outputs on ``x`` with adapted ``params`` (default: the meta-learned initialisation)."""
         p = next(self.model.parameters())
         params = params if params is not None else self.maml.frozen()[0]
-        out, _ = functional_call(self.model, params, (x.to(p.device, p.dtype),))
-        return out
+        return self.maml.predict(params, x.to(p.device, p.dtype))
 
 
 def task_shape(cfg: Config) -> TaskShape:

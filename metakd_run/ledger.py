@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from metakd_run.evaluate import t_interval
-from metakd_run.results import primary_metric
+from metakd_run.evaluation.stats import t_interval
+from metakd_run.names import primary_metric
 
 SCHEMA = 1
 BEGIN, END = "<!-- ledger:begin -->", "<!-- ledger:end -->"

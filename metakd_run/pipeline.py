@@ -1,4 +1,5 @@
-"""The experiment, stage by stage: teacher -> distilled student -> baseline student -> meta-test.
+"""The experiment, stage by stage: teacher -> distilled student -> baseline student -> each enabled
+evaluation protocol (:mod:`metakd_run.evaluation.protocols`) -> the outputs (:mod:`metakd_run.outputs`).
 
 :meth:`Experiment.prepare` loads every split and builds every learner and the distiller before
 any training, so a user's mistake fails in seconds; :meth:`Experiment.run` then reads like the
@@ -23,13 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from metakd_run import __version__, build, distributed, fingerprint, results
+from metakd_run import __version__, build, distributed, fingerprint
 from metakd_run.checkpoint import CheckpointError, load, load_state, save_atomic, write_text_atomic
 from metakd_run.config import Config, ConfigError, Split, Stage, to_dict
 from metakd_run.data import build_task_source
 from metakd_run.distill.mkd import MetaDistillation
-from metakd_run.evaluate import fixed_tasks
+from metakd_run.evaluation import protocols
+from metakd_run.evaluation.context import Context
+from metakd_run.evaluation.curves import fixed_tasks
+from metakd_run.evaluation.provenance import environment, key_hparams
+from metakd_run.evaluation.summary import TRAINING_KEYS, objective_value
 from metakd_run.meta.maml import MAML
+from metakd_run.outputs.files import write_run
 from metakd_run.seeding import derive_seed
 from metakd_run.tracking import Tracker
 from metakd_run.training import StageSpec, StopFlag, final_path, run_stage
@@ -121,6 +127,7 @@ class Experiment:
         self.fingerprints: dict[str, dict[str, Any]] = {}  # stage -> the settings that shape it
         self.reuse: dict[str, str] = {}  # stage -> how this run obtained it (summary "stages")
         self.accepted: dict[str, list[str]] = {}  # stage -> differing keys accepted by the user
+        self.prepared: dict[str, Any] = {}  # protocol -> what its check read before training
         self._lock: Any = None
 
     # --- before any training -------------------------------------------------------------------
@@ -129,9 +136,9 @@ class Experiment:
         cfg, ds = self.cfg, self.cfg.dataset
         split = getattr(ds, "split_name", lambda role: str(role))
         self.lock()
-        from metakd_run.lake import check as check_lake_runs
-
-        check_lake_runs(cfg)  # eval.lake_runs: the runs are readable and the heads as wide as they are
+        # each enabled protocol's check, before any data is loaded (eval.lake_runs: the runs are
+        # readable and the heads as wide as they are)
+        self.prepared = {p.name: p.check(cfg) for p in protocols.enabled(cfg)}
         val = build_task_source(ds, split(Split.val))
         self.src = Sources(
             train=build_task_source(ds, split(Split.train), transfer=cfg.kd.transfer),
@@ -208,12 +215,40 @@ class Experiment:
         if not self.dist.is_main:  # rank 0 alone runs the meta-test and writes the summary
             return {"objective": float("nan"), "rank": self.dist.rank}
         learners = {name: t.learner for name, t in self.trainees.items()}
-        summary = results.meta_test(self, learners, trained)
+        summary = self.evaluate(learners, trained)
         settings = fingerprint.run_settings(self.cfg)
         write_text_atomic(
             json.dumps(fingerprint.record(settings), indent=1, sort_keys=True, default=str) + "\n",
             self.run_dir / FINGERPRINT_FILE,
         )
+        return summary
+
+    def evaluate(self, learners: dict[str, MAML], trained: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Each enabled protocol in turn, then the outputs; return the summary."""
+        cfg = self.cfg
+        context = Context(cfg, self.device, self.dtype, self.src.test, trained, self.prepared)
+        summary: dict[str, Any] = {"experiment": cfg.name, "dataset": cfg.dataset.name}
+        records: dict[str, dict[str, Any]] = {}
+        for protocol in protocols.enabled(cfg):
+            section = protocols.as_section(protocol.run(context, learners))
+            if protocol.top_level:
+                summary.update(section.summary)
+            else:
+                summary[protocol.name] = section.summary
+            records[protocol.name] = section.records
+        summary["hparams"] = key_hparams(cfg)
+        summary["teacher_source"] = self.teacher_origin
+        if self.accepted:
+            summary["accepted_mismatch"] = self.accepted
+        summary["environment"] = environment(self.device)
+        summary["objective"] = objective_value(summary)
+        # Wall times and resumption facts vary between identical runs: they stay out of summary.json.
+        timings: dict[str, Any] = {
+            name: {k: v for k, v in r.items() if k not in TRAINING_KEYS} for name, r in trained.items()
+        }
+        timings["meta_test_seconds"] = records.get("meta_test", {}).get("seconds", {})
+        timings["obtained"] = dict(self.reuse)  # trained, resumed, or loaded (and from where)
+        write_run(self.run_dir, self.tracker, cfg, summary, timings, records)
         return summary
 
     def teacher_source(self) -> str:

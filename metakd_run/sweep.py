@@ -27,8 +27,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from metakd_run.evaluate import t_interval
-from metakd_run.results import LABELS, flat_metrics, primary_metric
+from metakd_run.evaluation.stats import t_interval
+from metakd_run.evaluation.summary import flat_metrics
+from metakd_run.names import LABELS, primary_metric
 
 log = logging.getLogger(__name__)
 
@@ -658,7 +659,7 @@ def write_study(sweep_dir: Path, rows: list[JobRow], study: Any) -> tuple[Path, 
     fig_rows, xs = study_rows(groups, x_mode, step)
     png: Path | None = None
     if fig_rows:
-        from metakd_run import plots
+        from metakd_run.outputs import figures as plots
 
         categorical = not all(_is_number(x) for x, _ in xs)
         if categorical:  # the settings' names at positions 0..n-1 (a linear axis)

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from metakd_run.checkpoint import load, load_state, save_atomic
 from metakd_run.config import MetaConfig, OuterSchedule, TrainConfig
 from metakd_run.data.tasks import TaskBatch
-from metakd_run.evaluate import adaptation_curves, mean_ci
+from metakd_run.evaluation.curves import adaptation_curves
+from metakd_run.evaluation.stats import mean_ci
 from metakd_run.meta.maml import MAML
 
 log = logging.getLogger(__name__)

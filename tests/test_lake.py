@@ -22,12 +22,15 @@ import torch
 from PIL import Image, ImageOps
 from torch.nn import functional as F
 
-from metakd_run import build, lake
+from metakd_run import build
+from metakd_run import lake as lake_command
 from metakd_run.api import TaskShape
 from metakd_run.config import ConfigError, Conv4Config, MetaConfig, to_typed
 from metakd_run.data.errors import DataError
 from metakd_run.data.lake import LakeRuns, load_lake_runs, locate
 from metakd_run.data.omniglot import load_omniglot, read_split
+from metakd_run.evaluation import lake_runs as lake
+from metakd_run.outputs.table import lake_table
 from tests.conftest import read_summary
 from tests.tensorboard_runs import TensorBoardRuns
 from tests.test_data_images import make_omniglot, omniglot_files
@@ -341,7 +344,7 @@ def test_statistics_over_runs_and_the_paired_difference() -> None:
         (),
         {"runs": [type("R", (), {"name": f"run{i:02d}"})() for i in range(5)], "ways": 4, "source": "x"},
     )
-    section = lake.summarise({"student_kd": a, "student_base": b}, fake, 5)
+    section = lake.summarise_runs({"student_kd": a, "student_base": b}, fake, 5)
     ea = [0.0, 0.25, 0.5, 0.0, 1.0]
     eb = [0.25, 0.0, 0.25, 0.0, 0.75]
     entry = section["models"]["student_kd"]["error"]["support"]
@@ -354,7 +357,7 @@ def test_statistics_over_runs_and_the_paired_difference() -> None:
     assert pair["per_run"] == pytest.approx(d) and pair["mean"] == pytest.approx(sum(d) / 5)
     assert pair["ci95"] == pytest.approx(2.7764451051977987 * float(np.std(d, ddof=1)) / math.sqrt(5))
     assert (pair["runs_lower"], pair["runs_higher"]) == (1, 3)
-    table = lake.format_table(section)
+    table = lake_table(section)
     assert "student (MKD) - student (baseline) (paired)" in table and "people 4.5" in table
     assert "support (fair)" in table
 
@@ -430,7 +433,8 @@ def test_cli_scores_the_three_models_on_the_runs(run_cli, tmp_path: Path, capsys
     assert {"teacher/lake_error/support", "student_kd/lake_error_by_run/transductive"} <= scalars
     assert "paired/student_kd-student_base/lake_error/alone" in scalars
     # the same figures from the finished run, by the module's own command
-    assert lake.main([str(run_dir), "--threads", "0"]) == 0  # 0: leave the threads of this process alone
+    # --threads 0: leave the threads of this process alone
+    assert lake_command.main([str(run_dir), "--threads", "0"]) == 0
     again = json.loads((run_dir / "lake_runs.json").read_text())
     for name, model in section["models"].items():
         for mode in lake.MODES:

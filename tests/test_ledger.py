@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from metakd_run import ledger
-from metakd_run.evaluate import t_interval
+from metakd_run.evaluation.stats import t_interval
 from tests.conftest import ROOT, TINY, metakd_run_exe
 
 

@@ -13,14 +13,15 @@ from matplotlib.colors import to_rgba
 from omegaconf import OmegaConf
 from torch.func import functional_call
 
-from metakd_run import plots
 from metakd_run.config import EvalConfig, MetaConfig, SinusoidConfig
 from metakd_run.data.episodes import EpisodeSampler
 from metakd_run.data.sinusoid import SinusoidTasks
+from metakd_run.evaluation import examples
 from metakd_run.meta.maml import MAML
 from metakd_run.models.conv4 import Conv4
 from metakd_run.models.mlp import MLP
-from metakd_run.results import label
+from metakd_run.names import label
+from metakd_run.outputs import figures as plots
 
 NAMES = ["teacher", "student_kd", "student_base"]
 LABELS = ["teacher", "student (MKD)", "student (baseline)"]
@@ -144,13 +145,19 @@ def _cfg(dataset: Any, steps: int, plot_tasks: int = 2) -> Any:
     return OmegaConf.create({"dataset": OmegaConf.structured(dataset), "eval": OmegaConf.structured(ev)})
 
 
+def _tasks_figure(learners: dict, batch: Any, cfg: Any, source: Any) -> Any:
+    """The test-task figure as a run draws it: the predictions computed, then drawn from the record."""
+    record = examples.predictions(learners, batch, cfg, torch.device("cpu"), torch.float32, source)
+    return plots.test_tasks_figure(record)
+
+
 def test_regression_tasks_figure_takes_the_truth_from_the_task_source() -> None:
     torch.manual_seed(0)
     ds = SinusoidConfig(amplitude=[1.0, 2.0], x_range=[-3.0, 3.0], shots=5, queries=5)
     source = SinusoidTasks(ds.amplitude, ds.phase, ds.x_range, ds.shots, ds.queries)
     batch = source.sample(3, torch.Generator().manual_seed(1))
     learners = {n: MAML(MLP(1, 1, [8]), "regression", MetaConfig(inner_lr=0.05)) for n in NAMES}
-    fig = plots.test_tasks_figure(learners, batch, _cfg(ds, steps=4), torch.device("cpu"), torch.float32)
+    fig = _tasks_figure(learners, batch, _cfg(ds, steps=4), source)
     panels = [ax for ax in fig.axes if ax.get_title().startswith("test task")]
     assert len(panels) == 2  # eval.plot_tasks
     assert "after 4 inner steps" in fig.get_suptitle()
@@ -173,7 +180,7 @@ def test_episode_figure_shows_every_class_and_marks_wrong_predictions_red() -> N
         for n, f in zip(NAMES, (4, 2, 2))
     }
     cfg = _cfg({"name": "fake"}, steps=steps)
-    fig = plots.test_tasks_figure(learners, batch, cfg, torch.device("cpu"), torch.float32)
+    fig = _tasks_figure(learners, batch, cfg, None)
     title = fig.get_suptitle()
     assert f"after {steps} inner steps" in title and "red when wrong" in title
     texts = [t for ax in fig.axes for t in ax.texts]

@@ -11,7 +11,7 @@ import torch
 
 from metakd_run.data.sinusoid import SinusoidTasks
 from metakd_run.distill.losses import DISTANCES, make_distance
-from metakd_run.evaluate import gap_closed, mean_ci, paired, summarise, t_interval, t_quantile
+from metakd_run.evaluation.stats import gap_closed, mean_ci, paired, summarise, t_interval, t_quantile
 
 
 def test_paired_difference_against_a_hand_computed_example():

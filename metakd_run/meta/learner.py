@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from metakd_run.config import MetaConfig
 from metakd_run.meta.strategies import Params, Strategy, device_of, make_strategy
@@ -67,3 +68,16 @@ class MetaLearner(nn.Module):
         """Detached parameters and rates, for adaptation that must build no graph."""
         lrs = {n: (r.detach() if isinstance(r, Tensor) else r) for n, r in self.lrs().items()}
         return {n: p.detach() for n, p in self.params().items()}, lrs
+
+    def adapt_frozen(self, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
+        """ONE task's parameters, adapted from a detached copy with ``steps`` inner steps: builds no
+        graph. The one way a trained model is adapted outside training (the API, the evaluation
+        protocols, the figures' examples), so they cannot disagree."""
+        params, lrs = self.frozen()
+        with torch.no_grad():
+            return self.adapt(params, lrs, support_x, support_y, steps=steps, create_graph=False)
+
+    @torch.no_grad()
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        """The model's outputs on ``x`` with ``params`` (adapted, or the meta-learned ones)."""
+        return functional_call(self.model, params, (x,))[0]

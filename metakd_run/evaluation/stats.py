@@ -1,4 +1,4 @@
-"""Meta-test: fixed tasks, adaptation curves, and the statistics that match the design.
+"""The statistics that match the design: intervals, paired differences, the gap closed, curve summaries.
 
 Every model is scored on the same fixed tasks, so models are compared task by task (paired
 differences), not by two intervals computed apart. Across training seeds the unit is the seed:
@@ -13,9 +13,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-from metakd_run.data.tasks import TaskBatch
-from metakd_run.meta.maml import MAML
 
 
 def t_quantile(df: float, level: float = 0.95) -> float:
@@ -83,13 +80,6 @@ def _beta_fraction(a: float, b: float, x: float) -> float:
     return h
 
 
-def fixed_tasks(source, num_tasks: int, seed: int, chunk: int) -> list[TaskBatch]:  # noqa: ANN001
-    """The same ``num_tasks`` tasks for every model and every run with this seed, in chunks."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = [min(chunk, num_tasks - i) for i in range(0, num_tasks, chunk)] if chunk > 0 else [num_tasks]
-    return [source.sample(n, g) for n in sizes]
-
-
 def mean_ci(values: Tensor) -> tuple[float, float]:
     """Mean and the half-width of the normal 95% interval, 1.96 std / sqrt(n), as the papers report."""
     v = values.double()
@@ -136,28 +126,6 @@ def gap_closed(
     boot = boot[torch.isfinite(boot)]
     lo, hi = (torch.quantile(boot, q).item() for q in (0.025, 0.975)) if boot.numel() else (math.nan,) * 2
     return {"value": float(ratio(None)), "ci95_low": lo, "ci95_high": hi}
-
-
-def adaptation_curves(
-    learner: MAML,
-    tasks: Sequence[TaskBatch],
-    steps: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    at: Sequence[int] | None = None,
-) -> dict[str, Tensor]:
-    """Per-task query metrics after each inner step in ``at``: ``{metric: [len(at), num_tasks]}``."""
-    parts: dict[str, list[Tensor]] = {}
-    for batch in tasks:
-        curve = learner.adaptation_curve(batch.to(device, dtype), steps, at)
-        for k, v in curve.items():
-            parts.setdefault(k, []).append(v.cpu())
-    return {k: torch.cat(v, dim=1) for k, v in parts.items()}
-
-
-def curve_steps(steps: int, report_steps: Sequence[int], every_step: bool) -> list[int]:
-    """The inner steps at which the meta-test evaluates the query set."""
-    return list(range(steps + 1)) if every_step else sorted(set(report_steps))
 
 
 def summarise(curves: dict[str, Tensor], at: Sequence[int], report_steps: Sequence[int]) -> dict[str, dict]:

@@ -1,6 +1,8 @@
 """Figures for the run folder and TensorBoard: test tasks with predictions, adaptation curves, studies.
 
-Every figure names the models as the console table does (:func:`metakd_run.results.label`) and
+Every figure is drawn from records alone (the summary, the example predictions of
+:mod:`metakd_run.evaluation.examples`, a study's rows): none adapts a model or reads a data set.
+Every figure names the models as the console table does (:func:`metakd_run.names.label`) and
 gives each the same colour, so a reader can move between the table, the figures and TensorBoard.
 """
 
@@ -18,13 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import FixedLocator, LogFormatter, MaxNLocator, NullLocator  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 
 from metakd_run.config import Stage  # noqa: E402
-from metakd_run.data.registry import get_dataset  # noqa: E402
-from metakd_run.data.tasks import TaskBatch  # noqa: E402
-from metakd_run.meta.maml import MAML  # noqa: E402
-from metakd_run.results import label, primary_metric  # noqa: E402
+from metakd_run.names import label, primary_metric, scale, unit  # noqa: E402
 
 COLORS = {
     Stage.teacher.value: "tab:blue",
@@ -50,69 +48,44 @@ def color(name: str) -> str | None:
 
 def _scale(metric: str) -> tuple[float, str]:
     """Accuracies are shown in percent, as in the console table."""
-    return (100.0, f"{metric} (%)") if metric == "accuracy" else (1.0, metric)
+    return scale(metric), f"{metric}{unit(metric)}"
 
 
 # --- test tasks with predictions -------------------------------------------------------------------
 
 
-def _adapted(learner: MAML, sx: torch.Tensor, sy: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
-    """A frozen copy of the learner adapted on ONE task's support set: builds no graph."""
-    params, lrs = learner.frozen()
-    with torch.no_grad():
-        return learner.adapt(params, lrs, sx, sy, steps=steps, create_graph=False)
+def test_tasks_figure(examples: dict[str, Any]) -> plt.Figure:
+    """A few test tasks: the data and each model's predictions after ``eval.steps`` inner steps, from
+    the record of :func:`metakd_run.evaluation.examples.predictions`."""
+    if examples["kind"] == "regression":
+        return _regression_figure(examples)
+    return _episode_figure(examples)
 
 
-def _predict(learner: MAML, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out, _ = functional_call(learner.model, params, (x,))
-    return out
-
-
-def test_tasks_figure(
-    learners: dict[str, MAML], batch: TaskBatch, cfg: Any, device: torch.device, dtype: torch.dtype
-) -> plt.Figure:
-    """A few test tasks: the data and each model's predictions after ``eval.steps`` inner steps."""
-    if next(iter(learners.values())).task == "regression":
-        n = max(1, min(int(cfg.eval.plot_tasks), batch.num_tasks))
-        return _regression_figure(learners, batch, n, cfg, device, dtype)
-    return _episode_figure(learners, batch, cfg, device, dtype)
-
-
-def _regression_figure(learners, batch, n, cfg, device, dtype):  # noqa: ANN001, ANN202
+def _regression_figure(ex: dict[str, Any]) -> plt.Figure:
     """One panel per task: the true function (from the task source itself), the support and query
     points, and each model before adaptation (dotted) and after ``eval.steps`` steps (solid)."""
-    source = get_dataset(cfg.dataset.name).task_source(cfg.dataset, str(cfg.eval.split))
-    lo, hi = cfg.dataset.x_range
-    grid = torch.linspace(lo, hi, 200, dtype=dtype, device=device).view(-1, 1)
-    steps = int(cfg.eval.steps)
-    truth = None
-    if hasattr(source, "curve") and {"amplitude", "phase"} <= set(batch.info):
-        amp, phase = batch.info["amplitude"][:n].cpu(), batch.info["phase"][:n].cpu()
-        truth = source.curve(amp, phase, grid.cpu().double()[None]).float()  # [n, 200, 1]
+    n, grid, truth, steps = ex["tasks"], ex["grid"], ex["truth"], ex["steps"]
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, layout="constrained")
     for t, ax in enumerate(axes[0]):
-        sx = batch.support_x[t].to(device, dtype)
-        sy = batch.support_y[t].to(device, dtype)
+        sx, sy = ex["support_x"][t], ex["support_y"][t]
         if truth is not None:
             ax.plot(grid.cpu(), truth[t], color="black", lw=1.5, label="true function")
         ax.scatter(sx.cpu(), sy.cpu(), color="black", marker="^", zorder=5, label="support")
         ax.scatter(
-            batch.query_x[t].cpu(),
-            batch.query_y[t].cpu(),
+            ex["query_x"][t],
+            ex["query_y"][t],
             s=14,
             facecolors="none",
             edgecolors="gray",
             zorder=4,
             label="query",
         )
-        for name in ordered(list(learners)):
-            learner, c = learners[name], color(name)
-            before = _predict(learner, _adapted(learner, sx, sy, 0), grid).cpu()
-            ax.plot(grid.cpu(), before, color=c, ls=":", lw=1)
-            after = _predict(learner, _adapted(learner, sx, sy, steps), grid).cpu()
-            ax.plot(grid.cpu(), after, color=c, lw=1.4, label=label(name))
-        facts = [f"{k}={float(v[t]):.2f}" for k, v in batch.info.items() if v.dim() == 1]
+        for name in ordered(list(ex["after"])):
+            c = color(name)
+            ax.plot(grid, ex["before"][name][t], color=c, ls=":", lw=1)
+            ax.plot(grid, ex["after"][name][t], color=c, lw=1.4, label=label(name))
+        facts = [f"{k}={float(v[t]):.2f}" for k, v in ex["info"].items()]
         ax.set_title(f"test task {t}" + (": " + ", ".join(facts) if facts else ""), fontsize=9)
         ax.set_xlabel("x", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -120,8 +93,8 @@ def _regression_figure(learners, batch, n, cfg, device, dtype):  # noqa: ANN001,
         *axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=7, fontsize=8, frameon=False
     )
     fig.suptitle(
-        f"{n} {cfg.eval.split} tasks: each model's prediction after {steps} inner steps on the "
-        f"{batch.support_x.shape[1]} support points (solid) and before adaptation (dotted)",
+        f"{n} {ex['split']} tasks: each model's prediction after {steps} inner steps on the "
+        f"{ex['shots']} support points (solid) and before adaptation (dotted)",
         fontsize=9,
     )
     return fig
@@ -132,19 +105,15 @@ def _queries_per_class(ways: int, queries: int) -> int:
     return max(1, min(queries, max(3, 40 // ways)))
 
 
-def _episode_figure(learners, batch, cfg, device, dtype):  # noqa: ANN001, ANN202
+def _episode_figure(ex: dict[str, Any]) -> plt.Figure:
     """The first test episode, one row per class (in blocks of at most 10 rows side by side): its
     support images, then some of its queries with each model's predicted label after
     ``eval.steps`` steps, in red when wrong."""
-    sx = batch.support_x[0].to(device, dtype)
-    sy = batch.support_y[0].to(device)
-    qx = batch.query_x[0].to(device, dtype)
-    qy = batch.query_y[0].cpu()
-    steps = int(cfg.eval.steps)
-    preds: dict[str, torch.Tensor] = {}
-    for name in ordered(list(learners)):  # the whole query set at once, as the meta-test scores it
-        learner = learners[name]
-        preds[name] = _predict(learner, _adapted(learner, sx, sy, steps), qx).argmax(-1).cpu()
+    sx, sy, qx, qy = ex["support_x"], ex["support_y"], ex["query_x"], ex["query_y"]
+    steps, split = ex["steps"], ex["split"]
+    preds: dict[str, torch.Tensor] = {
+        name: ex["predictions"][name] for name in ordered(list(ex["predictions"]))
+    }
     classes = sorted(int(c) for c in torch.unique(sy.cpu()))
     support = {c: (sy.cpu() == c).nonzero().view(-1).tolist() for c in classes}
     query = {c: (qy == c).nonzero().view(-1).tolist() for c in classes}
@@ -160,7 +129,7 @@ def _episode_figure(learners, batch, cfg, device, dtype):  # noqa: ANN001, ANN20
     per = queries // ways
     subset = f"{shown} of {per} per class" if shown < per else f"all {per} per class"
     title = textwrap.fill(
-        f"One {cfg.eval.split} episode, {ways}-way {shots}-shot. Each row is one class; its label "
+        f"One {split} episode, {ways}-way {shots}-shot. Each row is one class; its label "
         f"(0..{ways - 1}) is the class's index in this episode, taught by its support "
         f"image{'s' if shots > 1 else ''} on the left. Under each query ({subset}): each "
         f"model's predicted label after {steps} inner steps on the support set, in red when wrong. "
@@ -168,7 +137,7 @@ def _episode_figure(learners, batch, cfg, device, dtype):  # noqa: ANN001, ANN20
         width=int(width * 14),
     )
     head = 0.5 + 0.16 * (title.count("\n") + 1)
-    lines = len(learners)
+    lines = len(preds)
     fig = plt.figure(figsize=(width, (1.05 + 0.15 * lines) * rows + head))
     grid = fig.add_gridspec(
         rows,
@@ -410,9 +379,9 @@ def _finite_or_nan(value: float | None) -> float:
 
 def _compact(x: float) -> str:
     """Tick labels such as 40, 1.2k, 25k, 1.1M."""
-    for div, unit in ((1e6, "M"), (1e3, "k")):
+    for div, suffix in ((1e6, "M"), (1e3, "k")):
         if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
+            return f"{x / div:.3g}{suffix}"
     return f"{x:g}"
 
 
