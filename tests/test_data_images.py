@@ -32,10 +32,10 @@ from metakd_run.data import archive, build_task_source, omniglot
 from metakd_run.data.cache import default_cache_dir
 from metakd_run.data.episodes import EpisodeSampler
 from metakd_run.data.errors import DataError
-from metakd_run.data.images import ImageDataSet, Source, Split, build_episode_sampler, load_class_images
+from metakd_run.data.images import ImageDataSet, Source, Split
 from metakd_run.data.miniimagenet import load_miniimagenet
 from metakd_run.data.omniglot import load_omniglot, read_split
-from metakd_run.data.registry import DATASETS
+from metakd_run.data.registry import DATASETS, build_episode_sampler, load_class_images
 
 # --- tiny Omniglot ---------------------------------------------------------------------------
 DRAWINGS = 6  # per character (the real set has 20)

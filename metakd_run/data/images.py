@@ -335,39 +335,6 @@ def hdf5_images(path: Path, data: Any, rgb: bool) -> np.ndarray:
     return np.asarray(data, dtype=np.uint8)
 
 
-# --- by dataset.name -----------------------------------------------------------------------------
-def load_class_images(cfg: Any, split: str, *, workers: int | None = None) -> ClassImages:
-    """Split ``split`` (a split *name*, e.g. ``cfg.train_split``) of data set ``cfg.name``.
-
-    ``cfg`` is the dataset config (:class:`~metakd_run.config.OmniglotConfig` or
-    :class:`~metakd_run.config.MiniImageNetConfig`, or a DictConfig of either).
-    """
-    return _image_data_set(cfg).load(cfg, split, workers=workers)
-
-
-def build_episode_sampler(
-    cfg: Any, split: str, *, transfer: int = 0, workers: int | None = None
-) -> EpisodeSampler:
-    """An N-way K-shot sampler over split ``split`` (a split name such as ``cfg.val_split``).
-
-    ``transfer`` is checked up front (images per class must cover shots + queries + transfer);
-    ``sample`` checks it again for the value it is given. Raises :class:`DataError` for a
-    missing root, missing or broken files, and ways/shots/queries the split cannot supply.
-    """
-    return _image_data_set(cfg).task_source(cfg, split, transfer, workers=workers)
-
-
-def _image_data_set(cfg: Any) -> ImageDataSet:
-    # Imported here: the registry imports the data sets, and they import this module.
-    from metakd_run.data.registry import DATASETS
-
-    dataset = DATASETS.get(str(cfg.name).lower())
-    if not isinstance(dataset, ImageDataSet):
-        names = " or ".join(n for n, d in DATASETS.items() if isinstance(d, ImageDataSet))
-        raise DataError(f"dataset.name={cfg.name} is not an image data set: use {names}")
-    return dataset
-
-
 def _log_load(data: ClassImages, seconds: float) -> None:
     shape = "x".join(str(d) for d in data.images.shape)
     if data.prepared_s is not None:
