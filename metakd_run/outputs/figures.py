@@ -373,6 +373,31 @@ def study_figure(
     return fig
 
 
+def study_figure_at(
+    rows: Sequence[dict[str, Any]],
+    x_label: str,
+    metric: str,
+    higher_is_better: bool,
+    step: int,
+    names: Sequence[Any] | None = None,
+) -> plt.Figure:
+    """A study's figure after ``step`` inner steps; ``names`` (settings without a numeric value, in
+    sweep order) are placed at 0..n-1 as unordered points and bars, without connecting lines."""
+    if names is not None:  # the settings' names at positions 0..n-1 (a linear axis)
+        at = {x: i for i, x in enumerate(names)}
+        rows = [{**r, "x": at[r["x"]]} for r in rows]
+    fig = study_figure(rows, x_label, metric, higher_is_better)
+    ax = fig.axes[0]
+    steps_text = f" after {step} inner step{'' if step == 1 else 's'} against "
+    ax.set_title(ax.get_title().replace(" against ", steps_text, 1), fontsize=9)
+    if names is not None:
+        for line in ax.get_lines():
+            line.set_linestyle("none")
+        ax.set_xticks(list(at.values()), [str(x) for x in at], rotation=30, ha="right", fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
 def _finite_or_nan(value: float | None) -> float:
     return float("nan") if value is None or not math.isfinite(value) else float(value)
 
