@@ -44,7 +44,7 @@ from metakd_run.config import Conv4Config, KDConfig, MetaConfig, MLPConfig, Oute
 from metakd_run.data.episodes import EpisodeSampler
 from metakd_run.data.sinusoid import SinusoidTasks
 from metakd_run.distill.mkd import MetaDistillation
-from metakd_run.evaluate import fixed_tasks
+from metakd_run.evaluation.curves import fixed_tasks
 from metakd_run.training import StageSpec, StopFlag, run_stage
 from tests.conftest import metakd_run_exe, read_summary
 
