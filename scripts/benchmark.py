@@ -56,8 +56,8 @@ from metakd_run.config import MetaConfig  # noqa: E402
 from metakd_run.data.tasks import TaskBatch  # noqa: E402
 from metakd_run.distill.losses import Distiller  # noqa: E402
 from metakd_run.distill.mkd import MetaDistillation  # noqa: E402
+from metakd_run.meta.auto import resolve_batching  # noqa: E402
 from metakd_run.meta.maml import MAML  # noqa: E402
-from metakd_run.meta.strategies import resolve_batching  # noqa: E402
 from metakd_run.models import feature_shapes  # noqa: E402
 from metakd_run.models.conv4 import Conv4  # noqa: E402
 from metakd_run.models.mlp import MLP  # noqa: E402
@@ -665,11 +665,11 @@ def finish() -> None:
     exit they are joined while modules are being finalised, and a failure there would turn a run
     whose tables are written into a non-zero exit status.
     """
-    from metakd_run.meta import strategies
+    from metakd_run.meta import threads
 
-    for pool in strategies._POOLS.values():
+    for pool in threads.POOLS.values():
         pool.shutdown(wait=True)
-    strategies._POOLS.clear()
+    threads.POOLS.clear()
 
 
 def scaling(shape: Shape, args: argparse.Namespace) -> dict:

@@ -340,7 +340,7 @@ def test_conv4_first_order_meta_gradient_matches_loop(batching, device):
 
 
 def test_auto_chooses_by_model_and_device():
-    from metakd_run.meta.strategies import resolve_batching
+    from metakd_run.meta.auto import resolve_batching
     from metakd_run.models.conv4 import Conv4
 
     conv, mlp = Conv4((1, 12, 12), 3, filters=2, blocks=2), MLP(1, 1, [4])
@@ -361,7 +361,7 @@ def test_auto_on_a_cpu_groups_small_conv_tasks_and_loops_over_large_ones():
     from types import SimpleNamespace
 
     from metakd_run.build import task_pixels
-    from metakd_run.meta.strategies import resolve_batching
+    from metakd_run.meta.auto import resolve_batching
     from metakd_run.models.conv4 import Conv4
     from metakd_run.models.resnet12 import ResNet12
 

@@ -17,7 +17,7 @@ from torch import nn
 from metakd_run.config import MetaConfig
 from metakd_run.distill.losses import Distiller
 from metakd_run.distill.mkd import MetaDistillation
-from metakd_run.meta import strategies
+from metakd_run.meta import threads as task_threads
 from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.models import feature_shapes
@@ -50,14 +50,14 @@ def run_with(threads: int, step: Callable[[], dict[str, float]], modules: list[n
     for m in modules:
         m.zero_grad(set_to_none=True)
     names: set[str] = set()
-    call = strategies.functional_call  # what every per-task model call ends in (call_model)
+    call = task_threads.functional_call  # what every per-task model call ends in (call_model)
 
     def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         names.add(threading.current_thread().name)
         return call(*args, **kwargs)
 
     with intra_op_threads(threads), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(strategies, "functional_call", spy)
+        mp.setattr(task_threads, "functional_call", spy)
         metrics = step()
         assert torch.get_num_threads() == threads  # restored after the workers set theirs to 1
     return grads(modules), metrics, names

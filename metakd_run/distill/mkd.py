@@ -30,9 +30,10 @@ from torch.func import grad
 
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.distill.losses import OUTPUT, Distiller
+from metakd_run.meta.losses import TASK_LOSS, Params, piece_metrics
 from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
-from metakd_run.meta.strategies import TASK_LOSS, Params, call_model, piece_metrics
+from metakd_run.meta.threads import call_model
 
 Learner = MAML | ProtoNet
 

@@ -8,7 +8,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metakd_run.config import MetaConfig
-from metakd_run.meta.strategies import Params, Strategy, device_of, make_strategy
+from metakd_run.meta.auto import device_of
+from metakd_run.meta.losses import Params
+from metakd_run.meta.strategies import Strategy, make_strategy
 
 
 class MetaLearner(nn.Module):

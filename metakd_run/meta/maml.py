@@ -24,17 +24,10 @@ from torch import Tensor, nn
 
 from metakd_run.config import MetaConfig
 from metakd_run.data.tasks import TaskBatch
+from metakd_run.meta.inner import sgd_step
 from metakd_run.meta.learner import MetaLearner
-from metakd_run.meta.strategies import (
-    TASK_LOSS,
-    Params,
-    Rates,
-    Strategy,
-    accuracy,
-    losses_per_task,
-    piece_metrics,
-    sgd_step,
-)
+from metakd_run.meta.losses import TASK_LOSS, Params, Rates, accuracy, losses_per_task, piece_metrics
+from metakd_run.meta.strategies import Strategy
 from metakd_run.models.norm import MetaBatchNorm2d
 
 log = logging.getLogger(__name__)

@@ -36,15 +36,9 @@ from torch.nn import functional as F
 from metakd_run.config import MetaConfig
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.meta.learner import MetaLearner
+from metakd_run.meta.losses import Params, Rates, accuracy, losses_per_task, piece_metrics
 from metakd_run.meta.maml import Objective
-from metakd_run.meta.strategies import (
-    Params,
-    Rates,
-    accuracy,
-    call_model,
-    losses_per_task,
-    piece_metrics,
-)
+from metakd_run.meta.threads import call_model
 
 log = logging.getLogger(__name__)
 

@@ -35,117 +35,30 @@ the meta-gradient then flows only through the identity path of the update.
 
 from __future__ import annotations
 
-import copy
-import threading
-import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metakd_run.data.tasks import TaskBatch
+from metakd_run.meta.auto import device_of, has_conv, resolve_batching
+from metakd_run.meta.inner import autograd_step, sgd_step, sgd_update
+from metakd_run.meta.losses import TASK_LOSS, Params, Rates, losses_per_task
+from metakd_run.meta.threads import WORKER, call_model, pool, thread_state
+from metakd_run.meta.threads import replicas as model_replicas
 
-Params = dict[str, Tensor]
-Rates = Mapping[str, Tensor | float]
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Forward = Callable[[Params, Tensor], tuple[Tensor, dict[str, Tensor]]]
 Piece = Callable[..., tuple[Tensor, dict[str, Tensor]]]  # a chunk's loss to back-propagate, and its metrics
 P = TypeVar("P")  # a strategy's per-task parameters
 R = TypeVar("R")
 
 
-# --- the task losses ---------------------------------------------------------------------------------
-def mse_loss(out: Tensor, y: Tensor) -> Tensor:
-    return ((out - y) ** 2).mean()
-
-
-def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(out, y)
-
-
-def accuracy(out: Tensor, y: Tensor) -> Tensor:
-    """Fraction of correct labels over the last dimension of ``y`` (one task, or ``[T]`` for many)."""
-    return (out.argmax(-1) == y).to(out.dtype).mean(-1)
-
-
-TASK_LOSS: dict[str, LossFn] = {"regression": mse_loss, "classification": cross_entropy}
-
-
-def piece_metrics(losses: Tensor, aux: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A piece of a meta-batch's per-task metrics, detached: ``aux`` and the losses as ``loss``."""
-    return {k: v.detach() for k, v in {**aux, "loss": losses}.items()}
-
-
-def losses_per_task(task: str, out: Tensor, y: Tensor) -> Tensor:
-    """Each task's mean loss ``[T]`` for outputs ``[T, B, ...]``: ``TASK_LOSS[task]`` without vmap."""
-    if task == "regression":
-        return ((out - y) ** 2).flatten(1).mean(1)
-    t, b = y.shape[:2]
-    return F.cross_entropy(out.reshape(t * b, -1), y.reshape(t * b), reduction="none").view(t, b).mean(1)
-
-
-# --- one inner step, two ways ------------------------------------------------------------------------
-def sgd_step(
-    model: nn.Module,
-    loss: LossFn,
-    adapted: list[str],
-    params: Params,
-    lrs: Rates,
-    x: Tensor,
-    y: Tensor,
-    create_graph: bool,
-) -> Params:
-    """One gradient step of ONE task on its support loss, a pure function of ``params``.
-
-    The gradient comes from ``torch.func.grad``, so it composes with ``vmap`` and works whether
-    or not ``params`` carry a graph.
-    """
-    fast = {n: params[n] for n in adapted}
-
-    def support_loss(fast_params: Params) -> Tensor:
-        out, _ = functional_call(model, {**params, **fast_params}, (x,))
-        return loss(out, y)
-
-    grads = grad(support_loss)(fast)
-    if not create_graph:
-        grads = {n: g.detach() for n, g in grads.items()}
-    return {**params, **{n: fast[n] - lrs[n] * grads[n] for n in adapted}}
-
-
-def autograd_step(
-    forward: Forward,
-    loss: LossFn,
-    adapted: list[str],
-    params: Params,
-    lrs: Rates,
-    x: Tensor,
-    y: Tensor,
-    create_graph: bool,
-) -> Params:
-    """The same step with plain ``torch.autograd.grad`` (no functorch): the loop and batched paths."""
-    if create_graph:
-        out, _ = forward(params, x)
-        grads = torch.autograd.grad(loss(out, y), [params[n] for n in adapted], create_graph=True)
-    else:
-        # The gradient as if the parameters were leaves: no graph through it (first order,
-        # a frozen teacher, evaluation), while ``params`` itself may still carry the meta-graph.
-        leaves = {n: v.detach().requires_grad_(n in adapted) for n, v in params.items()}
-        with torch.enable_grad():
-            out, _ = forward(leaves, x)
-            grads = torch.autograd.grad(loss(out, y), [leaves[n] for n in adapted])
-    return {**params, **{n: params[n] - lrs[n] * g for n, g in zip(adapted, grads)}}
-
-
-# --- the interface -----------------------------------------------------------------------------------
 class Strategy(ABC, Generic[P]):
     """How every task of a meta-batch is adapted and run; ``P`` is its per-task parameters."""
 
@@ -225,7 +138,6 @@ class Strategy(ABC, Generic[P]):
         return self.chunked(one, *args)
 
 
-# --- the three strategies ----------------------------------------------------------------------------
 class LoopStrategy(Strategy[list[Params]]):
     """A Python loop over tasks, ``torch.autograd.grad`` per task: the per-task parameters are a list.
 
@@ -247,20 +159,20 @@ class LoopStrategy(Strategy[list[Params]]):
         bounds = self._pieces(_num_tasks(args[0]))
         threads = torch.get_num_threads()
         workers = min(len(bounds), threads)
-        if workers < 2 or not _has_conv(self.model) or device_of(self.model).type != "cpu":
+        if workers < 2 or not has_conv(self.model) or device_of(self.model).type != "cpu":
             return super().backward(piece, wrt, *args)
         leaves = [w for w in wrt if w.requires_grad]
         state = (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
 
-        replicas = _replicas(self.model, workers)  # made here: no thread copies a model another uses
+        replicas = model_replicas(self.model, workers)  # made here: no thread copies a model another uses
 
         def share(w: int) -> tuple[list[Tensor | None], list[tuple[int, dict[str, Tensor]]]]:
             grads: list[Tensor | None] = [None] * len(leaves)
             metrics = []
             torch.set_num_threads(1)  # this thread's intra-op threads (OpenMP's setting is per thread)
-            _THREAD.models = {id(self.model): replicas[w]}
+            WORKER.models = {id(self.model): replicas[w]}
             try:
-                with _thread_state(*state):
+                with thread_state(*state):
                     for k in range(w, len(bounds), workers):
                         loss, m = piece(*(_cut(a, *bounds[k]) for a in args))
                         self._check_leaves(loss, leaves)
@@ -268,11 +180,11 @@ class LoopStrategy(Strategy[list[Params]]):
                         grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, got)]
                         metrics.append((k, m))
             finally:
-                _THREAD.models = {}
+                WORKER.models = {}
             return grads, metrics
 
         try:
-            shares = list(_pool(workers).map(share, range(workers)))
+            shares = list(pool(workers).map(share, range(workers)))
         finally:
             torch.set_num_threads(threads)  # MKL's setting is global: put it back for everyone
         for i, leaf in enumerate(leaves):
@@ -299,7 +211,7 @@ class LoopStrategy(Strategy[list[Params]]):
         # frees its activations, so peak memory is one task's graph instead of the meta-batch's
         # (omniglot_20w1s second order: 5.3 GB -> 0.4 GB), at the same speed or slightly better.
         # Small MLP steps are op-count bound: there one backward for the whole batch is cheaper.
-        return 1 if _has_conv(model) else 0
+        return 1 if has_conv(model) else 0
 
     def start(self, params: Params, tasks: int) -> list[Params]:
         return [params] * tasks
@@ -389,7 +301,7 @@ class BatchedStrategy(Strategy[Params]):
     def default_chunk(model: nn.Module) -> int:
         # Grouped convolutions over all tasks at once are memory-bound on a CPU; a few tasks per
         # graph keep each layer's activations in cache (measured: 4 tasks is the sweet spot).
-        return 4 if _has_conv(model) else 0
+        return 4 if has_conv(model) else 0
 
     def start(self, params: Params, tasks: int) -> Params:
         if self.closed_form:  # shared until the first step makes them per task (broadcasting)
@@ -430,7 +342,7 @@ class BatchedStrategy(Strategy[Params]):
             with torch.no_grad():
                 detached = {n: v.detach() for n, v in p.items()}
                 grads, _ = self.model.batched_gradients(detached, x, loss_grad, self.adapted)
-        return {**p, **{n: _sgd(p[n], lrs[n], grads[n]) for n in self.adapted}}
+        return {**p, **{n: sgd_update(p[n], lrs[n], grads[n]) for n in self.adapted}}
 
     def meta_gradient(
         self, params: Params, lrs: Rates, batch: TaskBatch, steps: int, first_order: bool, scale: float = 1.0
@@ -454,7 +366,7 @@ class BatchedStrategy(Strategy[Params]):
             grads, cache = model.batched_gradients(theta, batch.support_x, support_grad)
             points.append(theta)
             caches.append((grads, cache))
-            theta = {**theta, **{n: _sgd(theta[n], lrs[n], grads[n]) for n in self.adapted}}
+            theta = {**theta, **{n: sgd_update(theta[n], lrs[n], grads[n]) for n in self.adapted}}
         query_grad = partial(self._loss_grad, y=batch.query_y, scale=scale)
         adjoint, query = model.batched_gradients(theta, batch.query_x, query_grad)
         lr_grads: dict[str, Tensor] = {}
@@ -471,7 +383,7 @@ class BatchedStrategy(Strategy[Params]):
                 direction = {n: adjoint[n] if lr else lrs[n] * adjoint[n] for n in self.adapted}
                 hv = model.batched_hvp(theta, cache, direction, support_hvp)
                 adjoint = {
-                    n: a if n not in hv else _sgd(a, lr, hv[n]) if lr else a - hv[n]
+                    n: a if n not in hv else sgd_update(a, lr, hv[n]) if lr else a - hv[n]
                     for n, a in adjoint.items()
                 }
         return {n: a.sum(0) for n, a in adjoint.items()}, lr_grads, query.out
@@ -506,64 +418,6 @@ class BatchedStrategy(Strategy[Params]):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (LoopStrategy, VmapStrategy, BatchedStrategy)}
-BATCHING = ("auto", *STRATEGIES)
-
-
-# Per-task convolution work (input pixels of a task's images x the widest layer's filters squared)
-# below which grouped convolutions beat the per-task loop on a CPU, by torch's intra-op threads.
-# Measured on the 2-core CPU, second order, interleaved (README, Speed). 2 threads: batched took
-# 0.46-0.92x the loop's time up to 96M (conv4-8 to conv4-64 at 28x28, conv4-8 at 84x84), 1.00x at
-# 64M and 1.06-1.15x from 217M up. 1 thread: 0.71-0.89x up to 6M, 1.00x at 14M, 1.06-1.19x from
-# 16M up (grouped convolutions gain more from a second intra-op thread than the loop's task
-# threads do). More threads than 2 were not measured and take the 2-thread limit.
-GROUPED_BELOW = {1: 2**23, 2: 2**27}
-
-
-def resolve_batching(
-    choice: str, model: nn.Module, device: torch.device | str | None = None, task_pixels: int = 0
-) -> str:
-    """``auto`` picks, per model, device and task size, what ``scripts/benchmark.py`` measured fastest.
-
-    ``device`` defaults to where the model's parameters are: resolve after ``model.to(device)``
-    (:class:`~metakd_run.meta.learner.MetaLearner` does this lazily, at first use on a device).
-    ``task_pixels`` is the pixel count of one task's support and query images together (0: not
-    known, as for a model used outside the pipeline).
-
-    - MLPs (``batched_forward``, no convolution): ``batched`` on every device. One ``baddbmm`` per
-      layer for the whole meta-batch and, with ReLU, the closed-form meta-gradient: on the 2-core
-      CPU, sinusoid shape, 1 thread, interleaved, 20-22x the per-task reference loop (12x through
-      autograd) where ``vmap`` gives 5-6x and ``loop`` 0.9x.
-    - Convolutional networks on CUDA: ``vmap``. On an H200, Omniglot 5-way 1-shot at the paper's
-      shape (conv4-64, meta-batch 32, second order), ``vmap`` ran 29 meta-iterations/s,
-      ``batched`` (4 tasks per grouped-convolution graph) 4.5 and ``loop`` 1.9: the GPU wants few
-      large kernels, and the loop launches hundreds of tiny ones per task.
-    - Convolutional networks on a CPU: by the task's convolution work, ``task_pixels`` times the
-      widest layer's filters squared, against a limit that depends on torch's intra-op thread
-      count when the strategy is made (:data:`GROUPED_BELOW`). Large tasks are compute-bound: the
-      ``loop`` (one task per graph, tasks in worker threads) ran at 1.01-1.05x the reference (a
-      per-task loop over plain ``torch.nn`` layers) on the benchmark's three image shapes, where
-      ``batched`` ran at 0.61-0.99x and ``vmap`` at about 0.4x. Small tasks (the CPU presets'
-      conv4-32 at 28x28 with 5 queries, any conv4-8, with 2 threads) are op-count-bound, and
-      grouped convolutions (``batched``, where the model has ``batched_forward``) run 1.1-2.2x
-      faster than the loop. Unknown size: ``loop``.
-    - Anything else: ``vmap`` (it needs nothing from the model).
-
-    The README's "Speed" section has the figures and the commands that measure them.
-    """
-    choice = str(getattr(choice, "value", choice))  # a str-valued Enum member, or the string itself
-    if choice not in BATCHING:
-        raise ValueError(f"meta.batching must be one of {BATCHING}, got {choice!r}")
-    if choice != "auto":
-        return choice
-    if device is None:
-        device = device_of(model)
-    if _has_conv(model):
-        if torch.device(device).type == "cuda":
-            return "vmap"
-        limit = GROUPED_BELOW[min(torch.get_num_threads(), 2)]
-        small = 0 < task_pixels * _conv_width(model) ** 2 < limit
-        return "batched" if small and hasattr(model, "batched_forward") else "loop"
-    return "batched" if hasattr(model, "batched_forward") else "vmap"
 
 
 def make_strategy(
@@ -582,42 +436,6 @@ def make_strategy(
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-_THREAD = threading.local()  # a worker thread's model replicas, by id of the model (LoopStrategy.backward)
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_REPLICAS: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
-
-
-def call_model(model: nn.Module, params: Params, x: Tensor) -> Any:
-    """``functional_call(model, params, (x,))``, on this thread's replica of ``model`` in a worker.
-
-    ``functional_call`` swaps a module's tensors in place for the call, so two threads must never
-    call one module at once: every per-task call of a model goes through here.
-    """
-    return functional_call(getattr(_THREAD, "models", {}).get(id(model), model), params, (x,))
-
-
-def _replicas(model: nn.Module, workers: int) -> list[nn.Module]:
-    """``workers`` copies of ``model``, kept while it lives: their structure is used, not their values."""
-    kept = _REPLICAS.setdefault(model, [])
-    while len(kept) < workers:
-        kept.append(copy.deepcopy(model))
-    return kept[:workers]
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """One pool of ``workers`` threads per process, kept: threads are reused from step to step."""
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="metakd-task")
-    return _POOLS[workers]
-
-
-@contextmanager
-def _thread_state(grad_enabled: bool, autocast: bool, dtype: torch.dtype) -> Iterator[None]:
-    """The calling thread's grad mode and CPU autocast, which are thread-local, in a worker."""
-    with torch.set_grad_enabled(grad_enabled), torch.autocast("cpu", dtype=dtype, enabled=autocast):
-        yield
-
-
 def _graph_leaves(t: Tensor) -> list[Tensor]:
     """The leaf tensors whose ``.grad`` back-propagating ``t`` would fill (its AccumulateGrad nodes)."""
     seen, stack, leaves = set(), [t.grad_fn], []
@@ -630,25 +448,6 @@ def _graph_leaves(t: Tensor) -> list[Tensor]:
             leaves.append(node.variable)
         stack.extend(n for n, _ in node.next_functions)
     return leaves
-
-
-def _sgd(p: Tensor, lr: Tensor | float, g: Tensor) -> Tensor:
-    """``p - lr * g``; one fused op for a plain-number rate (small steps are op-count bound)."""
-    return torch.add(p, g, alpha=-lr) if isinstance(lr, float | int) else p - lr * g
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """Where the model's parameters live (the CPU for a model without any)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def _has_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def _conv_width(model: nn.Module) -> int:
-    """The most filters of any convolution in ``model``."""
-    return max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=0)
 
 
 def _num_tasks(tree: object) -> int:
