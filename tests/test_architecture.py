@@ -207,3 +207,50 @@ def test_the_rules_see_a_broken_import(tmp_path: Path) -> None:
     hits = [n for n in fake["evaluation.bad"] if any(under(n, f) for f in FORBIDDEN["evaluation"])]
     assert sorted(hits) == ["outputs.table", "pipeline"]
     assert layer("evaluation.bad") < layer("outputs.table")
+
+
+def test_each_choice_list_has_one_home_that_its_registry_matches() -> None:
+    """The schema (config.py) holds each choice list; a registry that implements the choices must
+    cover exactly that list, so adding a choice in one place and not the other fails here."""
+    from metakd_run.config import DATASET_SCHEMAS, MODEL_SCHEMAS, Batching
+    from metakd_run.data.registry import DATASETS
+    from metakd_run.meta.auto import BATCHING
+    from metakd_run.meta.strategies import STRATEGIES
+    from metakd_run.models import MODELS
+
+    assert set(DATASETS) == set(DATASET_SCHEMAS)
+    assert set(MODELS) == set(MODEL_SCHEMAS)
+    assert BATCHING == tuple(b.value for b in Batching)
+    assert {"auto", *STRATEGIES} == set(BATCHING)
+
+
+def test_group_files_state_only_what_differs_from_the_schema() -> None:
+    """Each default has one home, the schema: a group's YAML file that extends it restates no
+    default (a file may name itself: ``name``, ``backend``)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from metakd_run import config
+
+    schemas = {
+        "schema_meta": config.MetaConfig,
+        "schema_kd": config.KDConfig,
+        "schema_logger": config.LoggerConfig,
+    }
+    schemas |= {f"schema_dataset_{n}": v for n, v in config.DATASET_SCHEMAS.items()}
+    schemas |= {f"schema_model_{n}": v for n, v in config.MODEL_SCHEMAS.items()}
+    restated = []
+    for path in sorted((ROOT.parent / "configs").glob("*/*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        schema = next(
+            (e[1:].split("@")[0] for e in raw.get("defaults") or [] if str(e).startswith("/schema_")), None
+        )
+        if schema is None:
+            continue
+        base = OmegaConf.to_container(OmegaConf.structured(schemas[schema]), resolve=False, enum_to_str=True)
+        restated += [
+            f"{path.parent.name}/{path.name}: {k}"
+            for k, v in raw.items()
+            if k not in ("defaults", "name", "backend") and k in base and base[k] == v
+        ]
+    assert not restated, "defaults restated in YAML (the schema holds them): " + ", ".join(restated)
