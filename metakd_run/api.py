@@ -5,7 +5,7 @@
     fast = student.adapt(support_x, support_y)          # one task: [S, *input], [S] or [S, 1]
     logits = student.predict(query_x, fast)              # [Q, classes] (or [Q, 1] for regression)
 
-It builds the same MAML learner the console script trains, from the run's saved config, and
+It builds the same meta-learner (MAML or ProtoNet) the console script trains, from the run's saved config, and
 loads the stage's checkpoint into it (the distilled student's projections are left out: they
 only serve training).
 """
@@ -20,10 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from metakd_run import build
-from metakd_run.checkpoint import CheckpointError, load_state
-from metakd_run.checkpoint import load as load_checkpoint
+from metakd_run.checkpoint import CheckpointError, load_checkpoint, load_state
 from metakd_run.config import Config, ConfigError, SinusoidConfig, Stage, to_typed
-from metakd_run.meta.maml import MAML
+from metakd_run.meta.learner import MetaLearner
 
 Params = dict[str, Tensor]
 
@@ -38,11 +37,11 @@ class TaskShape:
 
 
 @dataclass
-class Learner:
+class TrainedModel:
     """A trained model with its meta-learned initialisation and inner loop."""
 
     name: str
-    maml: MAML
+    maml: MetaLearner  # MAML or ProtoNet (the name predates ProtoNet; kept for callers)
     config: Config
 
     @property
@@ -64,6 +63,9 @@ class Learner:
         return self.maml.predict(params, x.to(p.device, p.dtype))
 
 
+Learner = TrainedModel  # the name before 0.2; ``metakd_run.load`` returns a TrainedModel
+
+
 def task_shape(cfg: Config) -> TaskShape:
     ds = cfg.dataset
     if isinstance(ds, SinusoidConfig):
@@ -72,7 +74,7 @@ def task_shape(cfg: Config) -> TaskShape:
     return TaskShape("classification", (channels, ds.image_size, ds.image_size), ds.ways)
 
 
-def load(run_dir: str | Path, model: str = "student_kd", device: str = "cpu") -> Learner:
+def load(run_dir: str | Path, model: str = "student_kd", device: str = "cpu") -> TrainedModel:
     """The ``model`` (teacher, student_kd or student_base) of the run in ``run_dir``."""
     run_dir = Path(run_dir).expanduser()
     saved = run_dir / ".hydra" / "config.yaml"
@@ -91,8 +93,8 @@ def load(run_dir: str | Path, model: str = "student_kd", device: str = "cpu") ->
     if any(k.startswith("learner.") for k in weights):  # the distilled student: drop its projections
         weights = {k[len("learner.") :]: v for k, v in weights.items() if k.startswith("learner.")}
     model_cfg = cfg.teacher if model == Stage.teacher else cfg.student
-    maml = build.learner(model_cfg, model, task_shape(cfg), cfg.meta, seed=0)
+    maml = build.meta_learner(model_cfg, model, task_shape(cfg), cfg.meta, seed=0)
     load_state(maml, weights, f"checkpoint {path}")
     maml.to(torch.device(device), getattr(torch, str(cfg.dtype)))
     maml.eval()
-    return Learner(model, maml, cfg)
+    return TrainedModel(model, maml, cfg)

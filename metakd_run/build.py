@@ -14,6 +14,7 @@ import torch
 
 from metakd_run.config import ConfigError, Family, KDConfig, KDSource, MetaConfig
 from metakd_run.distill.losses import DISTANCES, EMBEDDING, OUTPUT, Distiller
+from metakd_run.meta.learner import MetaLearner
 from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.models import MODELS, build_model, feature_shapes
@@ -21,7 +22,7 @@ from metakd_run.models import MODELS, build_model, feature_shapes
 LEARNERS: dict[Family, type[MAML | ProtoNet]] = {Family.maml: MAML, Family.protonet: ProtoNet}
 
 
-def learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) -> MAML | ProtoNet:
+def meta_learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) -> MetaLearner:
     """A model of ``model_cfg`` for ``source``'s tasks inside ``who``'s family (``meta.family_of``),
     initialised from ``seed``."""
     family = meta.family_of(who)

@@ -97,7 +97,7 @@ def _write_checkpoint(path: str | Path, write: Callable[[IO[bytes]], object]) ->
     return path
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_atomic`; corrupt files raise CheckpointError."""
     path = Path(path)
     if not path.is_file():

@@ -6,7 +6,7 @@ config into these typed objects once (:func:`to_typed`), and every module below 
 attribute. Small closed choices are enums that the code imports; range checks sit beside their
 fields in ``__post_init__``, so an object of this module is valid by construction. Choices that
 are open registries (models, distances, data sets) are checked by their registries before any
-training (``metakd_run.preflight``). This module imports nothing from the project.
+training (the pre-flight checks of :mod:`metakd_run.build`). This module imports nothing from the project.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ runs, print the table and write ``RUN_DIR/lake_runs.json``.
 A module entry point only: the scoring is the evaluation protocol
 :mod:`metakd_run.evaluation.lake_runs` (the same functions a run with ``eval.lake_runs`` uses), the
 table is :func:`metakd_run.outputs.table.lake_table`, and the runs' files are read by
-:mod:`metakd_run.data.lake`.
+:mod:`metakd_run.data.omniglot_runs`.
 """
 
 from __future__ import annotations

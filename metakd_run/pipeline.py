@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from metakd_run import __version__, build, distributed, fingerprint
-from metakd_run.checkpoint import CheckpointError, load, load_state, save_atomic, write_text_atomic
+from metakd_run.checkpoint import CheckpointError, load_checkpoint, load_state, save_atomic, write_text_atomic
 from metakd_run.config import Config, ConfigError, Split, Stage, to_dict
 from metakd_run.data import build_task_source
 from metakd_run.distill.mkd import MetaDistillation
@@ -34,7 +34,7 @@ from metakd_run.evaluation.context import Context
 from metakd_run.evaluation.curves import fixed_tasks
 from metakd_run.evaluation.provenance import environment, key_hparams
 from metakd_run.evaluation.summary import TRAINING_KEYS, objective_value
-from metakd_run.meta.maml import MAML
+from metakd_run.meta.learner import MetaLearner
 from metakd_run.outputs.files import write_run
 from metakd_run.seeding import derive_seed
 from metakd_run.tracking import Tracker
@@ -62,7 +62,7 @@ class Sources:
 class Trainee:
     """What one stage trains: the learner it evaluates, the module it saves, its meta-step."""
 
-    learner: MAML
+    learner: MetaLearner
     module: nn.Module
     step: Any
     model_cfg: Any
@@ -151,7 +151,7 @@ class Experiment:
                 "its accuracies are slightly optimistic (different tasks, same classes)"
             )
         train = self.src.train
-        teacher = build.learner(cfg.teacher, "teacher", train, cfg.meta, self.seed("teacher_init"))
+        teacher = build.meta_learner(cfg.teacher, "teacher", train, cfg.meta, self.seed("teacher_init"))
         self.trainees["teacher"] = Trainee(teacher, teacher, teacher.meta_backward, cfg.teacher)
         given_teacher = None
         if cfg.train.teacher_checkpoint:
@@ -177,10 +177,12 @@ class Experiment:
         # rank 0 alone logs
         self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main, logger=cfg.logger)
 
-    def student(self, name: str, teacher: MAML) -> Trainee:
+    def student(self, name: str, teacher: MetaLearner) -> Trainee:
         """The same student init for both students; the distilled one also trains its projections."""
         cfg = self.cfg
-        student = build.learner(cfg.student, "student", self.src.train, cfg.meta, self.seed("student_init"))
+        student = build.meta_learner(
+            cfg.student, "student", self.src.train, cfg.meta, self.seed("student_init")
+        )
         if name == Stage.student_base:
             return Trainee(student, student, student.meta_backward, cfg.student)
         torch.manual_seed(self.seed("projection_init"))
@@ -223,7 +225,9 @@ class Experiment:
         )
         return summary
 
-    def evaluate(self, learners: dict[str, MAML], trained: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def evaluate(
+        self, learners: dict[str, MetaLearner], trained: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
         """Each enabled protocol in turn, then the outputs; return the summary."""
         cfg = self.cfg
         context = Context(cfg, self.device, self.dtype, self.src.test, trained, self.prepared)
@@ -312,7 +316,7 @@ class Experiment:
         budget and validation may differ: reusing a teacher is what the option is for).
 
         Returns the given teacher's settings, which the distilled student's fingerprint records."""
-        saved = load(path).get("fingerprint")
+        saved = load_checkpoint(path).get("fingerprint")
         if not isinstance(saved, dict) or "settings" not in saved:
             return None  # written before fingerprints: only its shapes can be checked
         now = fingerprint.stage_settings(self.cfg, Stage.teacher)
@@ -330,7 +334,7 @@ class Experiment:
         for path in (final_path(self.ckpt_dir, name), self.ckpt_dir / f"{name}_last.pt"):
             if not path.exists():
                 continue
-            saved = load(path).get("fingerprint")
+            saved = load_checkpoint(path).get("fingerprint")
             if isinstance(saved, dict) and "settings" in saved:
                 diffs = fingerprint.differences(saved["settings"], self.fingerprints[name])
             else:
@@ -372,7 +376,7 @@ class Experiment:
             self.reuse[name] = f"loaded: train.teacher_cache file {cached}"
             result = self.load_finished(cached, trainee.module, f"train.teacher_cache file {cached}")
             if self.dist.is_main:  # the run folder stays complete (metakd_run.load reads it)
-                state = load(cached)
+                state = load_checkpoint(cached)
                 state.setdefault("fingerprint", fingerprint.record(self.fingerprints[name]))
                 save_atomic(state, path)
             return result
@@ -439,7 +443,7 @@ class Experiment:
         return f"train.teacher_checkpoint={self.cfg.train.teacher_checkpoint}"
 
     def load_finished(self, path: Path, module: nn.Module, what: str) -> dict[str, Any]:
-        state = load(path)
+        state = load_checkpoint(path)
         if "state_dict" not in state:
             raise CheckpointError(f"{path} is not a finished-stage checkpoint of metakd-run")
         load_state(module, state["state_dict"], what)

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from metakd_run.checkpoint import load, load_state, save_atomic
+from metakd_run.checkpoint import load_checkpoint, load_state, save_atomic
 from metakd_run.config import MetaConfig, OuterSchedule, TrainConfig
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.evaluation.curves import adaptation_curves
 from metakd_run.evaluation.stats import mean_ci
-from metakd_run.meta.maml import MAML
+from metakd_run.meta.learner import MetaLearner
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class StageSpec:
 
     name: str
     module: nn.Module  # all trainable state of the stage (learner, projections)
-    learner: MAML  # the learner validated and evaluated
+    learner: MetaLearner  # the learner validated and evaluated (MAML or ProtoNet)
     step: Callable[[TaskBatch], dict[str, float]]
     sample_tasks: Callable[[int, torch.Generator], TaskBatch]  # (iteration, generator) -> tasks
     val_tasks: list[TaskBatch]
@@ -123,7 +123,7 @@ class StageSpec:
         return self.train.stage_iterations(self.name)
 
 
-def validation_metric(learner: MAML, tasks: list[TaskBatch], device, dtype) -> tuple[str, float, bool]:  # noqa: ANN001
+def validation_metric(learner: MetaLearner, tasks: list[TaskBatch], device, dtype) -> tuple[str, float, bool]:  # noqa: ANN001
     """The metric that picks the best checkpoint: query accuracy or loss after the inner steps."""
     steps = learner.cfg.inner_steps
     curves = adaptation_curves(learner, tasks, steps, device, dtype, at=[steps])
@@ -179,7 +179,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     resume_file = last_path(spec)
     if resume_file.exists():
-        state = load(resume_file)
+        state = load_checkpoint(resume_file)
         load_state(spec.module, state["module"], f"checkpoint {resume_file}")
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:

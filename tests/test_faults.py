@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import pytest
 
-from metakd_run.checkpoint import load
+from metakd_run.checkpoint import load_checkpoint
 from metakd_run.data.errors import DataError
 from metakd_run.data.miniimagenet import load_miniimagenet
 from metakd_run.data.omniglot import load_omniglot
@@ -72,7 +72,7 @@ def assert_checkpoints_load(folder: Path) -> None:
     checkpoints = list((folder / "checkpoints").glob("*.pt"))
     assert checkpoints, f"no checkpoint in {folder}"
     for path in checkpoints:
-        load(path)  # a truncated or half-written file raises CheckpointError
+        load_checkpoint(path)  # a truncated or half-written file raises CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_full_disk_mid_run_is_one_line_keeps_the_checkpoint_and_resumes(
     assert line.startswith("metakd-run: error: could not write ") and "No space left on device" in line
     assert "free space" in line and str(run_dir) in line
     assert not half_written(run_dir)
-    assert load(last)["iteration"] > 0  # the previous checkpoint is whole
+    assert load_checkpoint(last)["iteration"] > 0  # the previous checkpoint is whole
 
     filler.unlink()
     resumed = run([f"train.resume={run_dir}"], tmp_path)

@@ -27,8 +27,8 @@ from metakd_run import lake as lake_command
 from metakd_run.api import TaskShape
 from metakd_run.config import ConfigError, Conv4Config, MetaConfig, to_typed
 from metakd_run.data.errors import DataError
-from metakd_run.data.lake import LakeRuns, load_lake_runs, locate
 from metakd_run.data.omniglot import load_omniglot, read_split
+from metakd_run.data.omniglot_runs import LakeRuns, load_lake_runs, locate
 from metakd_run.evaluation import lake_runs as lake
 from metakd_run.outputs.table import lake_table
 from tests.conftest import read_summary
@@ -292,7 +292,9 @@ def _hand_score(zip_path: Path, run: str, learner, steps: int, lr: float, blocks
 def _learner(ways: int, filters: int = 8, blocks: int = 4, seed: int = 0):
     shape = TaskShape("classification", (1, 28, 28), ways)
     meta = MetaConfig(inner_lr=0.1, inner_steps=5)
-    return build.learner(Conv4Config(filters=filters, blocks=blocks), "teacher", shape, meta, seed).double()
+    return build.meta_learner(
+        Conv4Config(filters=filters, blocks=blocks), "teacher", shape, meta, seed
+    ).double()
 
 
 def _compare_with_hand(zip_path: Path, ways: int, blocks: int) -> None:

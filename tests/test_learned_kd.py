@@ -227,8 +227,8 @@ class Images:
 
 
 def _build(kd: KDConfig, meta: MetaConfig) -> Distiller:
-    teacher = build.learner(Conv4Config(filters=4), "teacher", Images(), meta, 0)
-    student = build.learner(Conv4Config(filters=2), "student", Images(), meta, 1)
+    teacher = build.meta_learner(Conv4Config(filters=4), "teacher", Images(), meta, 0)
+    student = build.meta_learner(Conv4Config(filters=2), "student", Images(), meta, 1)
     return build.distiller(kd, teacher, student, Images.in_shape)
 
 

@@ -151,7 +151,7 @@ def test_sinusoid_teacher_adapts_far_better_than_its_untrained_initialisation(
 ) -> None:
     source = SinusoidTasks((0.1, 5.0), (0.0, 3.141592653589793), (-5.0, 5.0), 10, 10, 0.0)
     meta = MetaConfig(inner_lr=0.01, inner_steps=1, meta_batch=10, outer_lr=0.01, batching=batching)
-    teacher = build.learner(MLPConfig(hidden=[40, 40]), "teacher", source, meta, seed=0)
+    teacher = build.meta_learner(MLPConfig(hidden=[40, 40]), "teacher", source, meta, seed=0)
     untrained = copy.deepcopy(teacher)
     val, test = fixed_tasks(source, 50, 11, 50), fixed_tasks(source, 200, 12, 100)
     train_stage("teacher", teacher, teacher, teacher.meta_backward, source, val, meta, 300, tmp_path)
@@ -168,7 +168,7 @@ def test_sinusoid_teacher_adapts_far_better_than_its_untrained_initialisation(
 )
 def test_image_family_reaches_far_above_chance(images, tmp_path: Path, family: str, batching: str) -> None:
     meta = image_meta(family, batching)
-    learner = build.learner(Conv4Config(filters=8, blocks=2), "teacher", images.train, meta, seed=0)
+    learner = build.meta_learner(Conv4Config(filters=8, blocks=2), "teacher", images.train, meta, seed=0)
     untrained = copy.deepcopy(learner)
     result = train_stage("teacher", learner, learner, learner.meta_backward, images.train, images.val, meta,
                          100, tmp_path)  # fmt: skip
@@ -184,7 +184,7 @@ def test_image_family_reaches_far_above_chance(images, tmp_path: Path, family: s
 def image_teacher(images, tmp_path_factory) -> Any:
     """A MAML conv4-8 teacher trained on the synthetic classes (0.95 after adaptation)."""
     meta = image_meta("maml")
-    teacher = build.learner(Conv4Config(filters=8, blocks=2), "teacher", images.train, meta, seed=0)
+    teacher = build.meta_learner(Conv4Config(filters=8, blocks=2), "teacher", images.train, meta, seed=0)
     train_stage("teacher", teacher, teacher, teacher.meta_backward, images.train, images.val, meta, 100,
                 tmp_path_factory.mktemp("teacher"))  # fmt: skip
     return teacher
@@ -198,7 +198,9 @@ def distilled(images, image_teacher, tmp_path_factory) -> Any:
     def get(weight: float, inner: bool) -> tuple[Any, Any]:
         if (weight, inner) not in trained:
             meta = image_meta("maml")
-            student = build.learner(Conv4Config(filters=4, blocks=2), "student", images.train, meta, seed=1)
+            student = build.meta_learner(
+                Conv4Config(filters=4, blocks=2), "student", images.train, meta, seed=1
+            )
             untrained = copy.deepcopy(student)
             kd = KDConfig(name="kl", distance="kl", weight=weight, temperature=4.0, inner=inner)
             distiller = build.distiller(kd, image_teacher, student, images.train.in_shape)
@@ -294,7 +296,7 @@ def test_stage_ends_on_the_weights_of_its_best_validation(
 
     source = SinusoidTasks((0.1, 5.0), (0.0, 3.141592653589793), (-5.0, 5.0), 5, 5, 0.0)
     meta = MetaConfig(inner_lr=0.01, inner_steps=1, meta_batch=4, outer_lr=0.01)
-    learner = build.learner(MLPConfig(hidden=[8]), "teacher", source, meta, seed=0)
+    learner = build.meta_learner(MLPConfig(hidden=[8]), "teacher", source, meta, seed=0)
     seen: list[dict[str, torch.Tensor]] = []
 
     def validation(learner_: Any, tasks: Any, device: Any, dtype: Any) -> tuple[str, float, bool]:
@@ -325,7 +327,7 @@ def test_outer_rate_follows_the_closed_form_schedule(tmp_path: Path, schedule: O
     source = SinusoidTasks((0.1, 5.0), (0.0, 3.141592653589793), (-5.0, 5.0), 5, 5, 0.0)
     lr, lr_min, total = 0.01, 0.002, 16
     meta = MetaConfig(inner_lr=0.01, meta_batch=2, outer_lr=lr, outer_schedule=schedule, outer_lr_min=lr_min)
-    learner = build.learner(MLPConfig(hidden=[8]), "teacher", source, meta, seed=0)
+    learner = build.meta_learner(MLPConfig(hidden=[8]), "teacher", source, meta, seed=0)
     logged: dict[int, float] = {}
 
     def scalars(prefix: str, metrics: dict[str, float], step: int) -> None:

@@ -132,9 +132,9 @@ def test_curves_hold_the_same_value_at_every_step() -> None:
 )
 def test_regression_is_refused_in_one_line_naming_the_key(meta: MetaConfig, who: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        build.learner(MLPConfig(), who, SinusoidTasks(), meta, seed=0)
+        build.meta_learner(MLPConfig(), who, SinusoidTasks(), meta, seed=0)
     assert str(info.value).startswith(key) and "regression" in str(info.value) and "\n" not in str(info.value)
-    assert build.learner(
+    assert build.meta_learner(
         MLPConfig(), "teacher", SinusoidTasks(), meta if who == "student" else MetaConfig(), 0
     )
 
@@ -208,8 +208,8 @@ def test_protonet_family_is_built_for_its_role_only() -> None:
         task, in_shape, out_dim = "classification", (1, 28, 28), 5
 
     meta = MetaConfig(teacher_family="protonet")
-    assert isinstance(build.learner(Conv4Config(filters=2), "teacher", Images(), meta, 0), ProtoNet)
-    assert isinstance(build.learner(Conv4Config(filters=2), "student_kd", Images(), meta, 0), MAML)
+    assert isinstance(build.meta_learner(Conv4Config(filters=2), "teacher", Images(), meta, 0), ProtoNet)
+    assert isinstance(build.meta_learner(Conv4Config(filters=2), "student_kd", Images(), meta, 0), MAML)
     meta = MetaConfig(family="protonet", teacher_family="maml")
-    assert isinstance(build.learner(Conv4Config(filters=2), "teacher", Images(), meta, 0), MAML)
-    assert isinstance(build.learner(Conv4Config(filters=2), "student_base", Images(), meta, 0), ProtoNet)
+    assert isinstance(build.meta_learner(Conv4Config(filters=2), "teacher", Images(), meta, 0), MAML)
+    assert isinstance(build.meta_learner(Conv4Config(filters=2), "student_base", Images(), meta, 0), ProtoNet)

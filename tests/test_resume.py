@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metakd_run.checkpoint import CheckpointError, load, save_atomic
+from metakd_run.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from tests.conftest import TINY, metakd_run_exe
 
 # Long enough that a stage is still running when the test kills it, short enough for CI; the
@@ -78,7 +78,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(run_cli, tmp_path):
     line = one_error_line(subprocess.CompletedProcess([], proc.returncode, "", err))
     assert f"train.resume={run_dir}" in line and "checkpoint saved to" in line
     last = list((run_dir / "checkpoints").glob("*_last.pt"))
-    assert len(last) == 1 and load(last[0])["iteration"] > 0
+    assert len(last) == 1 and load_checkpoint(last[0])["iteration"] > 0
     resumed = run_cli(f"train.resume={run_dir}", tiny=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (run_dir / "summary.json").is_file()
@@ -142,5 +142,5 @@ def test_full_disk_while_writing_a_checkpoint_leaves_the_old_one(tmp_path, monke
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(CheckpointError, match="No space left on device"):
         save_atomic({"w": torch.zeros(3)}, path)
-    assert torch.equal(load(path)["w"], torch.ones(3))
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]

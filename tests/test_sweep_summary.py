@@ -336,8 +336,8 @@ def test_each_study_preset_composes_and_every_cell_builds(study: str, experiment
         OmegaConf.update(job, key, value, merge=False)
         typed = to_typed(job)
         assert typed.train.teacher_cache == "/sweep/teachers"
-        teacher = build.learner(typed.teacher, "teacher", source, typed.meta, 0)
-        student = build.learner(typed.student, "student", source, typed.meta, 1)
+        teacher = build.meta_learner(typed.teacher, "teacher", source, typed.meta, 0)
+        student = build.meta_learner(typed.student, "student", source, typed.meta, 1)
         build.distiller(typed.kd, teacher, student, source.in_shape)
         if study == "kd_layer":
             cell = typed.study.cells[value]

@@ -35,7 +35,7 @@ from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.meta.threads import call_model
 
-Learner = MAML | ProtoNet
+AnyLearner = MAML | ProtoNet  # the two meta-learners mkd reads the surface of
 
 
 class MetaDistillation:
@@ -48,8 +48,8 @@ class MetaDistillation:
 
     def __init__(
         self,
-        teacher: Learner,
-        student: Learner,
+        teacher: AnyLearner,
+        student: AnyLearner,
         distiller: Distiller,
         weight: float,
         source: str = "adapted",

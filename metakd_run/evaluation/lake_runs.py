@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from metakd_run.config import Config, ConfigError
 from metakd_run.data.errors import DataError
-from metakd_run.data.lake import LakeRuns, load_lake_runs
+from metakd_run.data.omniglot_runs import LakeRuns, load_lake_runs
 from metakd_run.evaluation.context import Context
 from metakd_run.evaluation.protocols import Protocol
 from metakd_run.evaluation.stats import t_interval
