@@ -245,7 +245,7 @@ def test_full_disk_under_tensorboards_writer_is_one_line(tmp_path: Path, small_d
     line = one_error_line(subprocess.CompletedProcess([], 2, "", err))
     assert "No space left on device" in line and f"train.resume={run_dir}" in line
     assert not half_written(run_dir)
-    assert load(last)["iteration"] == 100
+    assert load_checkpoint(last)["iteration"] == 100
 
     filler.unlink()
     resumed = run([f"train.resume={run_dir}"], tmp_path)
