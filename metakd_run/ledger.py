@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from metakd_run.evaluation.stats import t_interval
-from metakd_run.names import primary_metric
+from metakd_run.names import primary_metric, scale
 
 SCHEMA = 1
 BEGIN, END = "<!-- ledger:begin -->", "<!-- ledger:end -->"
@@ -155,7 +155,7 @@ class Setting:
     def metric(self) -> tuple[str, bool, float]:
         """The primary metric, whether higher is better, and its display scale (percent)."""
         metric, higher = primary_metric(self.records[0]["summary"].get("task") or "regression")
-        return metric, higher, 100.0 if metric == "accuracy" else 1.0
+        return metric, higher, scale(metric)
 
     def step(self) -> str:
         """The reported inner step a row shows: the last of eval.report_steps."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from metakd_run.names import LAKE_MODES, label, primary_metric, scale, unit
+from metakd_run.names import LAKE_MODES, label, percent, primary_metric, scale, unit
 
 
 def text_table(rows: list[list[str]]) -> list[str]:
@@ -109,9 +109,8 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 # --- Lake et al.'s runs (the lake_runs section) ---------------------------------------------------------
 def _pct(entry: dict[str, Any], signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    half = "n/a" if entry["ci95"] is None else f"{100 * entry['ci95']:.1f}"
-    return f"{100 * entry['mean'] + 0.0:{sign}.1f} ± {half}"  # + 0.0: no "-0.0"
+    half = "n/a" if entry["ci95"] is None else percent(entry["ci95"])
+    return f"{percent(entry['mean'], signed)} ± {half}"
 
 
 def lake_table(section: dict[str, Any]) -> str:
@@ -130,13 +129,14 @@ def lake_table(section: dict[str, Any]) -> str:
         a, b = pair.split("-")
         rows.append([f"{label(a)} - {label(b)} (paired)", *(_pct(by_mode[m], signed=True) for m in modes)])
     out += text_table(rows)
-    published = ", ".join(f"{who} {100 * e:.1f}" for who, e in section["published_error"].items())
+    published = ", ".join(f"{who} {percent(e)}" for who, e in section["published_error"].items())
     out.append(f"published error %: {published}")
     out += [f"  {m}: {d}" for m, d in section["modes"].items()]
     header = ["error % per run (fair)", *(r.removeprefix("run") for r in section["runs"])]
     rows = [header]
     for model in section["models"].values():
-        rows.append([model["label"], *(f"{100 * e:.0f}" for e in model["error"][section["fair"]]["per_run"])])
+        per_run = model["error"][section["fair"]]["per_run"]
+        rows.append([model["label"], *(percent(e, digits=0) for e in per_run)])
     out += ["", *text_table(rows)]
     return "\n".join(out)
 
