@@ -107,8 +107,8 @@ def run(cfg: DictConfig, run_dir: Path, keep_finished: bool = False) -> float:
             import torch
 
             torch.set_num_threads(typed.threads)
-        from metakd_run.outputs.table import print_summary
         from metakd_run.pipeline import Experiment, finished_summary
+        from metakd_run.presentation.table import print_summary
 
         done = finished_summary(run_dir, typed) if keep_finished else None
         if done is not None:

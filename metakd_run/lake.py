@@ -3,7 +3,7 @@ runs, print the table and write ``RUN_DIR/lake_runs.json``.
 
 A module entry point only: the scoring is the evaluation protocol
 :mod:`metakd_run.evaluation.lake_runs` (the same functions a run with ``eval.lake_runs`` uses), the
-table is :func:`metakd_run.outputs.table.lake_table`, and the runs' files are read by
+table is :func:`metakd_run.presentation.table.lake_table`, and the runs' files are read by
 :mod:`metakd_run.data.omniglot_runs`.
 """
 
@@ -19,7 +19,7 @@ import torch
 from metakd_run.config import ConfigError, Stage
 from metakd_run.data.errors import DataError
 from metakd_run.evaluation.lake_runs import check, score_all
-from metakd_run.outputs.table import lake_table
+from metakd_run.presentation.table import lake_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """The experiment, stage by stage: teacher -> distilled student -> baseline student -> each enabled
-evaluation protocol (:mod:`metakd_run.evaluation.protocols`) -> the outputs (:mod:`metakd_run.outputs`).
+evaluation protocol (:mod:`metakd_run.evaluation.protocols`) -> :mod:`metakd_run.presentation`.
 
 :meth:`Experiment.prepare` loads every split and builds every learner and the distiller before
 any training, so a user's mistake fails in seconds; :meth:`Experiment.run` then reads like the
@@ -35,7 +35,7 @@ from metakd_run.evaluation.curves import fixed_tasks
 from metakd_run.evaluation.provenance import environment, key_hparams
 from metakd_run.evaluation.summary import TRAINING_KEYS, objective_value
 from metakd_run.meta.learner import MetaLearner
-from metakd_run.outputs.files import write_run
+from metakd_run.presentation.files import write_run
 from metakd_run.seeding import derive_seed
 from metakd_run.tracking import Tracker
 from metakd_run.training import StageSpec, StopFlag, final_path, run_stage
@@ -228,7 +228,7 @@ class Experiment:
     def evaluate(
         self, learners: dict[str, MetaLearner], trained: dict[str, dict[str, Any]]
     ) -> dict[str, Any]:
-        """Each enabled protocol in turn, then the outputs; return the summary."""
+        """Each enabled protocol in turn, then the presentation; return the summary."""
         cfg = self.cfg
         context = Context(cfg, self.device, self.dtype, self.src.test, trained, self.prepared)
         summary: dict[str, Any] = {"experiment": cfg.name, "dataset": cfg.dataset.name}

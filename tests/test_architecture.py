@@ -1,5 +1,5 @@
 """The import rules of docs/architecture.md, drawn from the code with ``ast``: no cycle, no upward
-import, and the package rules (evaluation computes, outputs present, protocols side by side).
+import, and the package rules (evaluation computes, presentation presents, protocols side by side).
 
 Every ``import`` counts, wherever it stands: at the top, inside a function, or under
 ``TYPE_CHECKING`` (a type-only import still ties the two modules together for a reader).
@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data.registry", "data.__init__", "meta"),  # 2: the registry on top of the data sets; the algorithm
     ("distill", "build", "fingerprint", "tracking", "distributed"),  # 3
     ("evaluation", "training", "api"),  # 4: evaluation computes
-    ("outputs",),  # 5: outputs present
+    ("presentation",),  # 5: presentation presents
     ("pipeline", "sweep", "ledger", "lake"),  # 6: the run, the sweep, the ledger, entry points
     ("cli",),  # 7: the console script
 ]
@@ -35,20 +35,22 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "meta": (
         "distill",
         "evaluation",
-        "outputs",
+        "presentation",
         "training",
         "tracking",
         "pipeline",
         "build",
         "data.registry",
     ),
-    "evaluation": ("outputs", "tracking", "training", "pipeline", "sweep", "cli", "api", "distill", "build"),
-    "outputs": ("meta", "models", "data", "pipeline", "training", "distill", "build", "api", "sweep"),
+    "evaluation": (
+        *("presentation", "tracking", "training", "pipeline", "sweep", "cli", "api", "distill", "build"),
+    ),
+    "presentation": ("meta", "models", "data", "pipeline", "training", "distill", "build", "api", "sweep"),
     "sweep": ("pipeline", "training", "meta", "data"),
     "data": ("data.registry",),  # the registry sits on top: no data set imports it
 }
 FORBIDDEN_EXCEPT = {"data": ("data.registry", "data.__init__")}  # the registry and the package façade
-# outputs read evaluation's records, never a protocol or anything that computes
+# presentation reads evaluation's records, never a protocol or anything that computes
 OUTPUTS_MAY_READ = ("evaluation.summary", "evaluation.stats")
 
 
@@ -166,16 +168,16 @@ def test_package_rules(owner: str) -> None:
         if under(m, owner) and m not in exempt
         for n in deps
         if any(under(n, f) for f in FORBIDDEN[owner])
-        and not (owner == "outputs" and any(under(n, r) for r in OUTPUTS_MAY_READ))
+        and not (owner == "presentation" and any(under(n, r) for r in OUTPUTS_MAY_READ))
     ]
     assert not wrong, "\n".join(wrong)
 
 
-def test_outputs_read_only_the_records_of_evaluation() -> None:
+def test_presentation_reads_only_the_records_of_evaluation() -> None:
     wrong = [
         f"{m} imports {n}"
         for m, deps in GRAPH.items()
-        if under(m, "outputs")
+        if under(m, "presentation")
         for n in deps
         if under(n, "evaluation") and n not in OUTPUTS_MAY_READ
     ]
@@ -202,11 +204,11 @@ def test_only_the_entry_points_import_the_pipeline() -> None:
 
 
 def test_the_rules_see_a_broken_import(tmp_path: Path) -> None:
-    """The checks above are not vacuous: an evaluation module importing the outputs is caught."""
-    fake = {**GRAPH, "evaluation.bad": {"outputs.table", "pipeline"}}
+    """The checks above are not vacuous: an evaluation module importing the presentation is caught."""
+    fake = {**GRAPH, "evaluation.bad": {"presentation.table", "pipeline"}}
     hits = [n for n in fake["evaluation.bad"] if any(under(n, f) for f in FORBIDDEN["evaluation"])]
-    assert sorted(hits) == ["outputs.table", "pipeline"]
-    assert layer("evaluation.bad") < layer("outputs.table")
+    assert sorted(hits) == ["pipeline", "presentation.table"]
+    assert layer("evaluation.bad") < layer("presentation.table")
 
 
 def test_each_choice_list_has_one_home_that_its_registry_matches() -> None:

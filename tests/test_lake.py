@@ -30,7 +30,7 @@ from metakd_run.data.errors import DataError
 from metakd_run.data.omniglot import load_omniglot, read_split
 from metakd_run.data.omniglot_runs import LakeRuns, load_lake_runs, locate
 from metakd_run.evaluation import lake_runs as lake
-from metakd_run.outputs.table import lake_table
+from metakd_run.presentation.table import lake_table
 from tests.conftest import read_summary
 from tests.tensorboard_runs import TensorBoardRuns
 from tests.test_data_images import make_omniglot, omniglot_files

@@ -21,7 +21,7 @@ from metakd_run.meta.maml import MAML
 from metakd_run.models.conv4 import Conv4
 from metakd_run.models.mlp import MLP
 from metakd_run.names import label
-from metakd_run.outputs import figures as plots
+from metakd_run.presentation import figures as plots
 
 NAMES = ["teacher", "student_kd", "student_base"]
 LABELS = ["teacher", "student (MKD)", "student (baseline)"]

@@ -2,7 +2,7 @@
 the test split's task source, what training returned, and what the protocol's own ``check`` prepared.
 
 Not the experiment: a protocol sees no run folder, no tracker and no checkpoints, so it can only
-compute; the outputs present what it returns.
+compute; :mod:`metakd_run.presentation` presents what it returns.
 """
 
 from __future__ import annotations

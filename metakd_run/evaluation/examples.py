@@ -32,7 +32,7 @@ def predictions(
     dtype: torch.dtype,
     source: Any,
 ) -> dict[str, Any]:
-    """The record :func:`metakd_run.outputs.figures.test_tasks_figure` draws (tensors on the CPU)."""
+    """The record :func:`metakd_run.presentation.figures.test_tasks_figure` draws (tensors on the CPU)."""
     steps = int(cfg.eval.steps)
     record: dict[str, Any] = {"split": str(cfg.eval.split), "steps": steps}
     if next(iter(learners.values())).task == "regression":

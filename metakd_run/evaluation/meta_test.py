@@ -29,7 +29,6 @@ from metakd_run.seeding import derive_seed
 log = logging.getLogger(__name__)
 
 
-
 def run(context: Context, learners: dict[str, MetaLearner]) -> Section:
     """Score every model on the same fixed tasks: the summary's models, comparisons, task and eval."""
     cfg, ev = context.cfg, context.cfg.eval

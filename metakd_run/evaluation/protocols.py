@@ -4,7 +4,7 @@ A protocol is a module of :mod:`metakd_run.evaluation` (or anywhere on the path)
 ``PROTOCOL = Protocol(...)``: its name (its key in ``summary.json``), ``enabled(cfg)``,
 ``check(cfg)`` (run before any training, so a bad setting costs seconds; what it returns is kept
 for ``run`` in ``context.prepared[name]``) and ``run(context, learners)``, which returns its
-section of the summary (a dict), or a :class:`Section` when it also has records for the outputs.
+section of the summary (a dict), or a :class:`Section` when it also has records to present.
 
 :data:`MODULES` lists them, one line each, in the order they run; that line is the only place a
 protocol is named. Protocols never import each other, and nothing here imports them: they are
@@ -29,7 +29,7 @@ MODULES: list[str] = [
 
 @dataclass
 class Section:
-    """What a protocol returns: its part of ``summary.json``, and records the outputs present but
+    """What a protocol returns: its part of ``summary.json``, and records the presentation draws but
     the summary leaves out (per-task values, wall times, example predictions)."""
 
     summary: dict[str, Any]

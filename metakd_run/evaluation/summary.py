@@ -1,5 +1,5 @@
 """Reading a summary: its final metrics flat (the HParams tab, the sweep tables) and the objective a
-sweeper optimises. Pure functions of the ``summary.json`` dict: the outputs and the sweep read them."""
+sweeper optimises. Pure functions of the ``summary.json`` dict: the presentation and the sweep read them."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from metakd_run.evaluation.stats import t_interval
 from metakd_run.names import BASE, KD, primary_metric
-from metakd_run.outputs.table import stat_text
+from metakd_run.presentation.table import stat_text
 from metakd_run.sweep.jobs import JobRow, keys_of, read_jobs
 
 

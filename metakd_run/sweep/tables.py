@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from metakd_run.names import BASE, KD, LABELS, PAIR, STAGES, primary_metric, unit
-from metakd_run.outputs.table import markdown_row, markdown_table, number
+from metakd_run.presentation.table import markdown_row, markdown_table, number
 from metakd_run.sweep.groups import (
     Group,
     Stat,
@@ -173,7 +173,8 @@ def write_groups_csv(path: Path, groups: list[Group], keys: list[str], metric_ke
 def study_rows(
     groups: list[Group], x_mode: str, step: int
 ) -> tuple[list[dict[str, Any]], list[tuple[Any, Group]]]:
-    """``outputs.figures.study_figure`` rows (x, model, mean, ci95, n) and each setting's x value, in x order.
+    """``presentation.figures.study_figure`` rows (x, model, mean, ci95, n) and each setting's x
+    value, in x order.
 
     ``x_mode`` ``student_parameters``: the student's parameter count (``summary.json``); otherwise the
     swept value, numeric where every value is a number, else the settings' names in sweep order.
@@ -251,7 +252,7 @@ def write_study(sweep_dir: Path, rows: list[JobRow], study: Any) -> tuple[Path, 
     fig_rows, xs = study_rows(groups, x_mode, step)
     png: Path | None = None
     if fig_rows:
-        from metakd_run.outputs import figures
+        from metakd_run.presentation import figures
 
         categorical = not all(_is_number(x) for x, _ in xs)
         names = [x for x, _ in xs] if categorical else None

@@ -10,7 +10,7 @@ from typing import Any
 
 from metakd_run.config import Config, to_yaml
 from metakd_run.evaluation.summary import final_metrics
-from metakd_run.outputs.table import lake_table
+from metakd_run.presentation.table import lake_table
 
 
 def log_curves(tracker: Any, summary: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from metakd_run.checkpoint import write_bytes_atomic, write_text_atomic
 from metakd_run.config import Config
-from metakd_run.outputs import dashboard, figures
+from metakd_run.presentation import dashboard, figures
 
 
 def write_run(
