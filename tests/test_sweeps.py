@@ -90,11 +90,13 @@ def test_joblib_grid_with_a_bad_cell_and_a_diverging_cell(tmp_path: Path):
     mux.AddRunsFromDirectory(str(sweep_dir))
     mux.Reload()
     content = mux.PluginRunToTagToContent("hparams")
-    assert "0" in content
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["0"]["_hparams_/session_start_info"])
+    run = str(Path("0") / "tb" / "teacher")  # one TensorBoard run per model of each job
+    assert run in content
+    start = plugin_data_pb2.HParamsPluginData.FromString(content[run]["_hparams_/session_start_info"])
     assert start.session_start_info.hparams["kd.weight"].number_value == 0.5
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["0"]["_hparams_/experiment"])
-    assert "final/teacher/mse_step_1" in {m.name.tag for m in experiment.experiment.metric_infos}
+    assert start.session_start_info.hparams["model"].string_value == "teacher"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content[run]["_hparams_/experiment"])
+    assert "test_mse_by_step/mean" in {m.name.tag for m in experiment.experiment.metric_infos}
 
 
 @pytest.mark.slow
