@@ -310,6 +310,11 @@ class Experiment:
         handle.write(f"metakd-run pid {os.getpid()}\n")
         handle.flush()
         self._lock = handle
+        # Holding the lock, no other writer is here: an atomic writer's temporary file is what a
+        # process killed mid-write (SIGKILL, a joblib abort) left behind; the target is intact.
+        for folder in (self.run_dir, self.ckpt_dir):
+            for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+                stale.unlink(missing_ok=True)
 
     def check_given_teacher(self, path: Path) -> dict[str, Any] | None:
         """``train.teacher_checkpoint`` must come from this data set, model and algorithm (its seed,

@@ -44,7 +44,12 @@ class SweepSummary(Callback):
     the sweep, after every job has returned."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        start_sweep(Path(str(config.hydra.sweep.dir)))
+        hydra = config.hydra
+        command = {
+            "overrides": list(OmegaConf.to_container(hydra.overrides.task, resolve=False)),
+            "sweeper": OmegaConf.to_container(hydra.sweeper, resolve=False),
+        }
+        start_sweep(Path(str(hydra.sweep.dir)), command)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

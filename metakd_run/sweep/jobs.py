@@ -114,14 +114,15 @@ def objective_noise(summary: dict[str, Any], val_tasks: Any) -> float | None:
 SWEEP_ID = ".sweep_id"  # in the sweep folder: this sweep's id; in a job folder: the sweep that last ran it
 
 
-def start_sweep(sweep_dir: Path) -> str:
-    """Give the sweep about to launch a fresh id; each of its jobs copies it into its folder
-    (:func:`stamp_job`), so the summary can leave out the folders of an earlier sweep launched into
-    the same ``hydra.sweep.dir``. A sweep run again to continue stamps every job again."""
-    import uuid
+def start_sweep(sweep_dir: Path, command: Any = None) -> str:
+    """Name the sweep about to launch by its command; each of its jobs copies the name into its
+    folder (:func:`stamp_job`), so the summary can leave out the folders of an earlier, different
+    sweep launched into the same ``hydra.sweep.dir``. The same command run again (to continue a
+    grid, or an Optuna study whose trials number on) has the same name, so its earlier jobs count."""
+    import hashlib
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    sweep_id = uuid.uuid4().hex
+    sweep_id = hashlib.sha256(json.dumps(command, sort_keys=True, default=str).encode()).hexdigest()[:16]
     (sweep_dir / SWEEP_ID).write_text(sweep_id + "\n")
     return sweep_id
 
@@ -146,7 +147,8 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def _of_this_sweep(sweep_dir: Path, job_dir: Path) -> bool:
-    """True unless the sweep folder has an id and the job folder was last run by another sweep."""
+    """False only for a job folder stamped by another sweep; a folder without a stamp (from before
+    sweep ids, or a job that died before it could stamp it) counts, so a failure is never hidden."""
     try:
         sweep_id = (sweep_dir / SWEEP_ID).read_text()
     except OSError:
@@ -154,7 +156,7 @@ def _of_this_sweep(sweep_dir: Path, job_dir: Path) -> bool:
     try:
         return (job_dir / SWEEP_ID).read_text() == sweep_id
     except OSError:
-        return False
+        return True
 
 
 def stale_jobs(sweep_dir: Path) -> list[str]:
