@@ -250,6 +250,11 @@ def varying_keys(settings: list[Setting]) -> list[str]:
     return sorted(keys) or sorted(values)
 
 
+def _all(settings: list[Setting], keys: list[str]) -> list[str]:
+    """The overrides of ``keys`` that some row names (its distinguishing ones)."""
+    return [o for s in settings for o in s.name.split() if o.partition("=")[0] in keys]
+
+
 def render_study(study: Path) -> list[str]:
     """The markdown of one study: heading, command, split, the table, the claim's verdict."""
     info = yaml.safe_load((study / "study.yaml").read_text())
@@ -274,6 +279,11 @@ def render_study(study: Path) -> list[str]:
         f"{len(records[0]['per_task']['student_kd'][f'step_{step}'])} tasks per seed; mean ± Student-t 95% "
         "interval over seeds; the difference is paired seed by seed.",
         "",
+    ]
+    shared = sorted({o for s in settings for o in s.name.split()} - {o for o in _all(settings, shown)})
+    if shared and len(settings) > 1:
+        lines += ["Every row also has: `" + " ".join(shared) + "`.", ""]
+    lines += [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
