@@ -136,12 +136,15 @@ def record(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """The keys whose values differ, as ``key: saved -> now`` (a key only one side has counts).
+    """The stage settings whose values differ, as ``key: saved -> now`` (a key only one side has
+    counts).
 
-    ``ignore`` drops keys that start with one of its prefixes (a given teacher's seed, say)."""
+    ``ignore`` drops keys that start with one of its prefixes (a given teacher's seed, say). The
+    execution keys are dropped too: a checkpoint written before a key joined them (the test split
+    did, later) still holds it, and it never shaped what the stage computed."""
 
     def kept(key: str) -> bool:
-        return not any(key == p or key.startswith(p + ".") for p in ignore)
+        return not any(key == p or key.startswith(p + ".") for p in ignore) and key in shaping({key: None})
 
     out = []
     for key in sorted(set(saved) | set(now)):

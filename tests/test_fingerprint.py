@@ -184,3 +184,22 @@ def test_the_teacher_cache_is_shared_whatever_the_data_root_spelling(run_cli, tm
     assert second.returncode == 0, second.stderr[-2000:]
     assert read_summary(tmp_path / "b")["teacher_source"] == f"shared: {cached}"
     assert list(cache.iterdir()) == [cached]
+
+
+def test_a_checkpoint_holding_a_key_that_later_became_an_execution_key_is_reused(run_cli, tmp_path):
+    """Checkpoints written while ``dataset.test_split`` was still in the stage settings (before it
+    joined the execution keys) are this run's models: continuing such a study must not refuse them."""
+    run = tmp_path / "X"
+    assert run_cli(run_dir=run).returncode == 0
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(ckpt, weights_only=False)
+        state["fingerprint"]["settings"]["dataset.test_split"] = "test"
+        torch.save(state, ckpt)
+    again = run_cli(run_dir=run)
+    assert again.returncode == 0, again.stderr[-2000:]
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings["obtained"].values()) == {"loaded: finished earlier in this run folder"}
+    # a key that shapes a stage still refuses
+    assert fingerprint.differences({"meta.inner_lr": 0.01, "dataset.test_split": "test"}, {"meta.inner_lr": 0.05}) == [
+        "meta.inner_lr: 0.01 -> 0.05"
+    ]
