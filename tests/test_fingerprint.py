@@ -200,6 +200,5 @@ def test_a_checkpoint_holding_a_key_that_later_became_an_execution_key_is_reused
     timings = json.loads((run / "timings.json").read_text())
     assert set(timings["obtained"].values()) == {"loaded: finished earlier in this run folder"}
     # a key that shapes a stage still refuses
-    assert fingerprint.differences({"meta.inner_lr": 0.01, "dataset.test_split": "test"}, {"meta.inner_lr": 0.05}) == [
-        "meta.inner_lr: 0.01 -> 0.05"
-    ]
+    saved = {"meta.inner_lr": 0.01, "dataset.test_split": "test"}
+    assert fingerprint.differences(saved, {"meta.inner_lr": 0.05}) == ["meta.inner_lr: 0.01 -> 0.05"]
