@@ -140,8 +140,26 @@ def add(study: Path, folders: list[Path]) -> list[Path]:
         runs = finished_runs(folder)
         if not runs:
             raise LedgerError(f"{folder} holds no finished run (no summary.json in it or its jobs)")
-        written += [write_record(study, make_record(run)) for run in runs]
+        for run in runs:
+            record = make_record(run)
+            for stale in same_setting_and_seed(study, record):
+                stale.unlink()  # the same seed of the same setting, recorded again: the newer one stands
+            written.append(write_record(study, record))
     return written
+
+
+def same_setting_and_seed(study: Path, record: dict[str, Any]) -> list[Path]:
+    """Records of ``study`` other than ``record``'s own file with its seed and setting: the same run
+    added again after its fingerprint's digest changed (a settings key that later became an execution
+    key, say), which would otherwise count one seed twice."""
+    name, own = setting_name(record["overrides"]), record_path(study, record)
+    runs = sorted((study / "runs").glob("*.json.gz")) if (study / "runs").is_dir() else []
+    out = []
+    for path in runs:
+        other = json.loads(gzip.decompress(path.read_bytes()))
+        if path != own and other["seed"] == record["seed"] and setting_name(other["overrides"]) == name:
+            out.append(path)
+    return out
 
 
 # --- statistics over seeds -------------------------------------------------------------------
@@ -197,7 +215,14 @@ def settings_of(records: list[dict[str, Any]]) -> list[Setting]:
     groups: dict[str, Setting] = {}
     for r in sorted(records, key=lambda r: r["seed"]):
         name = setting_name(r["overrides"])
-        groups.setdefault(name, Setting(name)).records.append(r)
+        group = groups.setdefault(name, Setting(name))
+        if any(o["seed"] == r["seed"] for o in group.records):
+            raise LedgerError(
+                f"two records of seed {r['seed']} for the setting '{name}' ({r['run']}): add the run "
+                "again with `python -m metakd_run.ledger add` (the newer record replaces the older) "
+                "or delete one of its files under runs/"
+            )
+        group.records.append(r)
     return list(groups.values())
 
 

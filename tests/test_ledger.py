@@ -136,3 +136,22 @@ def test_the_docs_tables_equal_the_ledger():
 def test_the_ledger_stays_small():
     size = sum(p.stat().st_size for p in (ROOT / "results").rglob("*") if p.is_file())
     assert size < 20 * 2**20
+
+
+def test_a_run_added_again_under_a_new_digest_replaces_its_record(tmp_path):
+    """A run continued after its fingerprint's digest changed is added again: the newer record
+    replaces the older, so a seed never counts twice; two records of one seed are refused."""
+    s = study(tmp_path)
+    run = fake_run(tmp_path / "sweep" / "0", 0, SEEDS[0], ["kd.weight=2"])
+    (old,) = ledger.add(s, [run])
+    (run / "fingerprint.json").write_text(json.dumps({"digest": "e" * 16}))
+    (new,) = ledger.add(s, [run])
+    assert new != old and sorted((s / "runs").iterdir()) == [new]
+    # another setting's seed 0 stays
+    other = fake_run(tmp_path / "sweep" / "1", 0, SEEDS[1], ["kd.weight=0.5"])
+    ledger.add(s, [other])
+    assert len(list((s / "runs").iterdir())) == 2
+    # a duplicate put there by hand is refused when rendering, naming the seed and the setting
+    (s / "runs" / "seed0-copy.json.gz").write_bytes(new.read_bytes())
+    with pytest.raises(ledger.LedgerError, match="two records of seed 0 for the setting 'kd.weight=2'"):
+        ledger.render(tmp_path / "results")
