@@ -114,7 +114,12 @@ def run_settings(cfg: Config) -> dict[str, Any]:
 
 def shaping(flat: dict[str, Any]) -> dict[str, Any]:
     """``flat`` without the execution keys, wherever they sit (``from_teacher.meta.chunk`` too)."""
-    return {k: v for k, v in flat.items() if not any(k == e or k.endswith("." + e) for e in EXECUTION_KEYS)}
+    return {k: v for k, v in flat.items() if not is_execution(k)}
+
+
+def is_execution(key: str) -> bool:
+    """Whether the flat ``key`` is an execution key, wherever it sits."""
+    return any(key == e or key.endswith("." + e) for e in EXECUTION_KEYS)
 
 
 def digest(settings: dict[str, Any]) -> str:
@@ -144,7 +149,7 @@ def differences(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, .
     did, later) still holds it, and it never shaped what the stage computed."""
 
     def kept(key: str) -> bool:
-        return not any(key == p or key.startswith(p + ".") for p in ignore) and key in shaping({key: None})
+        return not any(key == p or key.startswith(p + ".") for p in ignore) and not is_execution(key)
 
     out = []
     for key in sorted(set(saved) | set(now)):
