@@ -107,7 +107,7 @@ def classification_by_hand(model: torch.nn.Module, sx: Tensor, sy: Tensor, qx: T
 
 
 # --- regression -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("batching", ["auto", "loop"])
+@pytest.mark.parametrize("batching", ["auto", "loop", "batched"])
 def test_regression_forward_loss_and_gradient_match_a_written_out_reference(batching: str) -> None:
     batch = sine_tasks()
     learner = regressor(batching)
@@ -163,7 +163,7 @@ def test_adapt_and_predict_give_the_mean_the_meta_test_scores() -> None:
 
 
 # --- classification ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("batching", "chunk"), [("loop", 0), ("vmap", 2)])
+@pytest.mark.parametrize(("batching", "chunk"), [("loop", 0), ("vmap", 2), ("batched", 0), ("batched", 2)])
 def test_classification_logits_loss_and_gradient_match_a_written_out_reference(
     batching: str, chunk: int
 ) -> None:
@@ -260,7 +260,6 @@ REFUSED = [
     (["meta.teacher_family=cnp", "kd.source=init"], "kd.source=init is invalid: a cnp teacher"),
     (["meta=cnp", "kd.taps=[decoder2]"], "kd.taps: 'decoder2' is not a feature of the teacher"),
     (["meta.student_family=cnp", "kd.taps=[sigma]"], "kd.taps: 'sigma' is not a feature of the teacher"),
-    (["meta=cnp", "meta.batching=batched"], "batched_forward"),
 ]  # fmt: skip
 
 

@@ -112,6 +112,11 @@ class CNPRegressor(nn.Module):
         sigma = MIN_SIGMA + (1 - MIN_SIGMA) * F.softplus(raw_sigma)
         return mean, {**feats, "representation": r, SIGMA: sigma}
 
+    def batched_forward(self, params: Params, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every task at once (``x [T, N, x]``, ``params`` shared, ``context`` ``[T, r]``): the
+        MLPs broadcast over tasks, so this is :meth:`forward` (``meta.batching=batched``)."""
+        return functional_call(self, params, (x,))
+
 
 class CNPClassifier(nn.Module):
     """A backbone's embedding ``e``, class aggregates ``r_k`` (mean support embeddings), and one
@@ -125,12 +130,12 @@ class CNPClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        head_name = getattr(backbone, "head_prefix", "head.").rstrip(".")
-        head = backbone.get_submodule(head_name)
-        if not isinstance(head, nn.Linear) or "." in head_name:
-            raise ValueError(f"cnp needs a model whose {head_name!r} is a linear layer on its embedding")
+        self.head_name = getattr(backbone, "head_prefix", "head.").rstrip(".")
+        head = backbone.get_submodule(self.head_name)
+        if not isinstance(head, nn.Linear) or "." in self.head_name:
+            raise ValueError(f"cnp needs a model whose {self.head_name!r} is a linear layer on its embedding")
         dim, classes = head.in_features, head.out_features
-        setattr(backbone, head_name, nn.Identity())  # the decoder scores the classes: no head
+        setattr(backbone, self.head_name, nn.Identity())  # the decoder scores the classes: no head
         self.backbone = backbone
         self.tap = getattr(backbone, "embedding_tap", "embedding")
         self.embedding_tap = self.tap
@@ -145,18 +150,63 @@ class CNPClassifier(nn.Module):
 
     def represent(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """Each class's aggregate, the mean embedding of its support images: ``[classes, D]``."""
-        classes = torch.arange(self.context.shape[0], device=y.device)
-        onehot = (y.unsqueeze(-1) == classes).to(self.context.dtype)  # [S, classes] (vmap-safe)
-        return (onehot.T @ self.embed(params, x)) / onehot.sum(0).unsqueeze(-1)
+        return class_means(self.embed(params, x), y, self.context.shape[0])
+
+    def decode(self, e: Tensor, r: Tensor, params: Params | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits ``[..., N, K]`` of embeddings ``e [..., N, D]`` against aggregates ``r [..., K, D]``
+        (with the decoder's own parameters, or those of ``params``)."""
+        n, k = e.shape[-2], r.shape[-2]
+        pairs = torch.cat(
+            [e.unsqueeze(-2).expand(*e.shape[:-1], k, -1), r.unsqueeze(-3).expand(*r.shape[:-2], n, k, -1)],
+            -1,
+        )
+        if params is None:
+            logits, hidden = self.decoder(pairs)  # [..., N, K, 1]
+        else:
+            logits, hidden = functional_call(self.decoder, _sub(params, "decoder."), (pairs,))
+        return logits.squeeze(-1), {f"decoder{i}": h for i, h in enumerate(hidden.values(), start=1)}
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         _, feats = self.backbone(x)
-        e = feats[self.tap].flatten(1)  # [N, D]
-        n, k = e.shape[0], self.context.shape[0]
-        pairs = torch.cat([e.unsqueeze(1).expand(n, k, -1), self.context.unsqueeze(0).expand(n, -1, -1)], -1)
-        logits, hidden = self.decoder(pairs)  # [N, K, 1]
-        decoder = {f"decoder{i}": h for i, h in enumerate(hidden.values(), start=1)}
-        return logits.squeeze(-1), {**feats, **decoder}
+        logits, decoder = self.decode(feats[self.tap].flatten(1), self.context)
+        return logits, {**feats, **decoder}
+
+
+class GroupedCNPClassifier(CNPClassifier):
+    """:class:`CNPClassifier` on a backbone with ``batched_forward`` (conv4): every task's images go
+    through one grouped pass, batch norm still per task (``meta.batching=batched``)."""
+
+    def embed_tasks(self, params: Params, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every task's embeddings ``[T, N, D]`` and backbone features, from shared ``params``."""
+        t = x.shape[0]
+        shared = _sub(params, "backbone.")
+        per_task = {n: v.expand(t, *v.shape) for n, v in shared.items()}
+        # the backbone's head was dropped; its batched_forward still applies one: a zero one-output stand-in
+        dim = self.context.shape[-1]
+        per_task[f"{self.head_name}.weight"] = x.new_zeros(t, 1, dim)
+        per_task[f"{self.head_name}.bias"] = x.new_zeros(t, 1)
+        _, feats = self.backbone.batched_forward(per_task, x)
+        return feats[self.tap].flatten(2), feats
+
+    def batched_outputs(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, dict]:
+        """Every task's logits ``[T, Q, K]`` and features: support and query in two grouped passes."""
+        support, _ = self.embed_tasks(params, sx)
+        r = class_means(support, sy, self.context.shape[0])  # [T, K, D]
+        query, feats = self.embed_tasks(params, qx)
+        logits, decoder = self.decode(query, r, params)
+        return logits, {**feats, **decoder}
+
+    def batched_forward(self, params: Params, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every task's logits against its own ``context`` in ``params`` (``[T, K, D]``)."""
+        query, feats = self.embed_tasks(params, x)
+        logits, decoder = self.decode(query, params[CONTEXT], params)
+        return logits, {**feats, **decoder}
+
+
+def class_means(embeddings: Tensor, labels: Tensor, classes: int) -> Tensor:
+    """Each class's mean embedding: ``[..., S, D]``, labels ``[..., S]`` -> ``[..., classes, D]``."""
+    onehot = (labels.unsqueeze(-1) == torch.arange(classes, device=labels.device)).to(embeddings.dtype)
+    return (onehot.transpose(-1, -2) @ embeddings) / onehot.sum(-2).unsqueeze(-1)
 
 
 class CNP(MetaLearner):
@@ -179,7 +229,8 @@ class CNP(MetaLearner):
             net: nn.Module = CNPRegressor(model.body[0].in_features if hidden else model.head.in_features,
                                           model.head.out_features, hidden, act)  # fmt: skip
         else:
-            net = CNPClassifier(model)
+            grouped = hasattr(model, "batched_forward")  # meta.batching=batched: grouped convolutions
+            net = (GroupedCNPClassifier if grouped else CNPClassifier)(model)
         ref = next(model.parameters())
         net.to(ref.device, ref.dtype)  # the new encoder and decoder where the role's model is
         super().__init__(net, task, cfg, adapted=[])  # no inner loop: nothing is adapted
@@ -245,6 +296,8 @@ class CNP(MetaLearner):
         """
         if self.task == "regression":
             return self._task_outputs(params, sx, sy, qx)
+        if self.strategy.name == "batched":
+            return self.model.batched_outputs(params, sx, sy, qx)
         return self.strategy.map(functools.partial(self._task_outputs, params), sx, sy, qx)
 
     def task_losses(
