@@ -172,7 +172,7 @@ def test_classification_logits_loss_and_gradient_match_a_written_out_reference(
     out, feats = learner.adapted_outputs(batch.support_x, batch.support_y, batch.query_x)
     assert out.shape == (3, WAYS * QUERIES, WAYS)
     assert feats["embedding"].shape == (3, WAYS * QUERIES, 16)  # 4 filters x 2 x 2
-    assert feats["decoder2"].shape == (3, WAYS * QUERIES, WAYS, 4)  # the decoder's width: the filters
+    assert feats["decoder2"].shape == (3, WAYS * QUERIES, WAYS, 64)  # the decoder's width: at least 64
     model = learner.model
     params = dict(model.named_parameters())
     refs = [
@@ -224,8 +224,10 @@ class Sine:
 
 def learners(teacher: str, student: str, source) -> tuple:  # noqa: ANN001
     meta = MetaConfig(teacher_family=teacher, student_family=student, inner_steps=1, inner_lr=0.1)
+    # a CNP teacher of 72 filters has a wider decoder than the student's 64: decoder taps are projected
+    wide = 72 if teacher == student == "cnp" else 4
     cfg = (MLPConfig(hidden=[8, 8]), MLPConfig(hidden=[6, 6])) if source is Sine else (
-        Conv4Config(filters=4, blocks=2), Conv4Config(filters=2, blocks=2))  # fmt: skip
+        Conv4Config(filters=wide, blocks=2), Conv4Config(filters=2, blocks=2))  # fmt: skip
     return (
         build.meta_learner(cfg[0], "teacher", source, meta, 0),
         build.meta_learner(cfg[1], "student_kd", source, meta, 1),
@@ -245,6 +247,8 @@ def test_cross_family_distillation_runs_in_the_outer_loss(teacher, student, sour
     t, s = learners(teacher, student, source)
     kd = KDConfig(distance=distance, taps=taps, transfer=0)
     distiller = build.distiller(kd, t, s, source.in_shape)
+    if taps == ["decoder2"]:  # [classes, 64] onto [classes, 72]: one linear map of the width
+        assert isinstance(next(iter(distiller.projections.values())), torch.nn.Linear)
     mkd = MetaDistillation(t, s, distiller, weight=1.0)
     batch = (image_tasks() if source is Images else sine_tasks()).to(torch.device("cpu"), torch.float32)
     s.zero_grad()
