@@ -357,3 +357,31 @@ def test_console_script_runs_cnp_on_omniglot(run_cli, tmp_path, omniglot) -> Non
     )  # two class aggregates of the 2-filter embedding (1x1 after 4 pools)
     logits = student.predict(sx, fast)
     assert logits.shape == (2, 2) and bool(torch.isfinite(logits).all())
+
+
+def test_the_family_shapes_the_fingerprint_and_the_teacher_cache() -> None:
+    """A CNP teacher is never reused for a MAML one (or back): the family is a setting of the stage."""
+    from hydra import compose, initialize_config_dir
+
+    import metakd_run.cli  # noqa: F401 - registers the structured configs
+    from metakd_run import fingerprint
+    from metakd_run.config import to_typed
+    from tests.conftest import CONFIGS
+
+    def typed(*overrides: str):  # noqa: ANN202
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return to_typed(compose("config", list(overrides)))
+
+    maml, cnp, cnp_students = typed(), typed("meta=cnp"), typed("meta.student_family=cnp")
+    assert fingerprint.teacher_settings(cnp) != fingerprint.teacher_settings(maml)
+    assert fingerprint.cache_digest(cnp) != fingerprint.cache_digest(maml)
+    assert fingerprint.teacher_settings(cnp_students) == fingerprint.teacher_settings(maml)  # same teacher
+    diffs = fingerprint.differences(
+        fingerprint.flatten(fingerprint.teacher_settings(maml)),
+        fingerprint.flatten(fingerprint.teacher_settings(cnp)),
+    )
+    assert any("family" in d and "cnp" in d for d in diffs), diffs
+    # the batching strategy is not a setting: CNP's paths agree (the reference tests above)
+    loop = typed("meta=cnp", "meta.batching=loop")
+    flat = [fingerprint.flatten(fingerprint.teacher_settings(c)) for c in (loop, cnp)]
+    assert fingerprint.differences(*flat) == []
