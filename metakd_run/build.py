@@ -14,12 +14,19 @@ import torch
 
 from metakd_run.config import ConfigError, Family, KDConfig, KDSource, MetaConfig
 from metakd_run.distill.losses import DISTANCES, EMBEDDING, OUTPUT, Distiller
+from metakd_run.meta.cnp import CNP
 from metakd_run.meta.learner import MetaLearner
 from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.models import MODELS, build_model, feature_shapes
 
-LEARNERS: dict[Family, type[MAML | ProtoNet]] = {Family.maml: MAML, Family.protonet: ProtoNet}
+AnyLearner = MAML | ProtoNet | CNP
+LEARNERS: dict[Family, type[AnyLearner]] = {Family.maml: MAML, Family.protonet: ProtoNet, Family.cnp: CNP}
+# what a family's teacher offers in place of an initialisation to distil (kd.source=init)
+NO_INIT = {
+    Family.protonet: "a protonet teacher has no initialisation to distil apart from its support prototypes",
+    Family.cnp: "a cnp teacher has no initialisation to distil apart from its support set's aggregate",
+}
 
 
 def meta_learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) -> MetaLearner:
@@ -29,7 +36,7 @@ def meta_learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: 
     if family == Family.protonet and source.task != "classification":
         raise ConfigError(
             f"{meta.family_key(who)}=protonet is invalid: Prototypical Networks classify, and these tasks "
-            f"are {source.task}; choose the maml family (meta=maml, fomaml, metasgd or anil)"
+            f"are {source.task}; choose the maml family (meta=maml, fomaml, metasgd or anil) or meta=cnp"
         )
     if model_cfg.name not in MODELS:
         raise ConfigError(f"{who}={model_cfg.name!r} is invalid: choose one of {', '.join(MODELS)}")
@@ -58,7 +65,7 @@ def task_pixels(source: Any) -> int:
     return int(images * shape[1] * shape[2])
 
 
-def tap_pairs(kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet) -> list[tuple[str, str]]:
+def tap_pairs(kd: KDConfig, teacher: AnyLearner, student: AnyLearner) -> list[tuple[str, str]]:
     """(teacher tap, student tap) pairs; ``null`` taps take the distance's default for each model."""
     distance = DISTANCES[kd.distance]
 
@@ -75,9 +82,7 @@ def tap_pairs(kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet) 
     return list(zip(teacher_taps, student_taps))
 
 
-def distiller(
-    kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet, in_shape: tuple[int, ...]
-) -> Distiller:
+def distiller(kd: KDConfig, teacher: AnyLearner, student: AnyLearner, in_shape: tuple[int, ...]) -> Distiller:
     """The distillation term for this teacher and student, every tap and shape checked."""
     if kd.distance not in DISTANCES:
         raise ConfigError(f"kd.distance={kd.distance!r} is invalid: choose one of {', '.join(DISTANCES)}")
@@ -117,18 +122,18 @@ def distiller(
         ) from None
 
 
-def check_families(kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet) -> None:
+def check_families(kd: KDConfig, teacher: AnyLearner, student: AnyLearner) -> None:
     """What a distillation mode needs of the teacher's and the student's family (one line each)."""
     meta = student.cfg
-    if kd.source == KDSource.init and isinstance(teacher, ProtoNet):
+    if kd.source == KDSource.init and not teacher.inner_loop:
         raise ConfigError(
-            "kd.source=init is invalid: a protonet teacher has no initialisation to distil apart from "
-            "its support prototypes; use kd.source=adapted"
+            f"kd.source=init is invalid: {NO_INIT[meta.family_of('teacher')]}; use kd.source=adapted"
         )
-    if kd.inner and isinstance(student, ProtoNet):
+    if kd.inner and not student.inner_loop:
+        family = meta.family_of("student")
         raise ConfigError(
-            f"kd.inner=true is invalid: it distils in the student's inner loop, and the protonet students "
-            f"({meta.family_key('student')}=protonet) have none; use kd.inner=false"
+            f"kd.inner=true is invalid: it distils in the student's inner loop, and the {family} students "
+            f"({meta.family_key('student')}={family}) have none; use kd.inner=false"
         )
     if kd.inner and meta.inner_steps < 1:
         raise ConfigError("kd.inner=true is invalid with meta.inner_steps=0: the students take no inner step")

@@ -52,6 +52,7 @@ class Family(Choice):
 
     maml = "maml"  # gradient steps from a learned initialisation (MAML, FOMAML, Meta-SGD, ANIL)
     protonet = "protonet"  # Prototypical Networks: class prototypes, distance logits, no inner loop
+    cnp = "cnp"  # Conditional Neural Processes: a support set's mean encoding, a decoder, no inner loop
 
 
 class OuterSchedule(Choice):
@@ -223,7 +224,7 @@ class MetaConfig:
     batching: Batching = Batching.auto  # how the tasks of a meta-batch are computed (meta/strategies.py)
     chunk: int = 0  # >0: this many tasks per graph (bounded memory); 0: the strategy's choice
     task_shards: int = 0  # >0: draw the meta-batch as N rank-seeded shards (see distributed.py)
-    family: Family = Family.maml  # every model's family: maml (this group's options) or protonet
+    family: Family = Family.maml  # every model's family: maml (this group's options), protonet or cnp
     # MAML++ (Antoniou et al. 2019), each an option; meta=mamlpp turns them on
     msl: bool = False  # multi-step loss: the outer loss weighs the query loss after every inner step
     msl_until: float = 0.1  # ... with weights annealed to the last step over this fraction of a stage

@@ -352,11 +352,10 @@ def test_each_study_preset_composes_and_every_cell_builds(study: str, experiment
             assert type(teacher).__name__.lower() == cell["teacher"]
     if study == "families":  # every family pair, every mode a student family can take
         pairs = {(c["teacher"], c["student"]) for c in cfg.study.cells.values()}
-        assert pairs == (
-            {("maml", "maml")}
-            if source.task == "regression"
-            else {(t, s) for t in ("maml", "protonet") for s in ("maml", "protonet")}
-        )
+        families = ("maml", "cnp") if source.task == "regression" else ("maml", "protonet", "cnp")
+        assert pairs == {(t, s) for t in families for s in families}
+        # a family without an inner loop distils in the outer loss only
+        assert all(not c["inner"] for c in cfg.study.cells.values() if "cnp" in (c["teacher"], c["student"]))
 
 
 def test_no_study_leaves_the_default_config_alone():

@@ -207,13 +207,16 @@ def make_distance(name: str, temperature: float) -> Distance:
 
 
 def make_projection(student: Sequence[int], teacher: Sequence[int]) -> nn.Module:
-    """A linear (flat features) or 1x1-conv (maps) projection from student to teacher width."""
+    """A linear (flat or per-class features) or 1x1-conv (maps) projection from student to teacher width."""
     if tuple(student) == tuple(teacher):
         return nn.Identity()
     if len(student) == 1 and len(teacher) == 1:
         return nn.Linear(student[0], teacher[0])
     if len(student) == 3 and len(teacher) == 3 and tuple(student[1:]) == tuple(teacher[1:]):
         return nn.Conv2d(student[0], teacher[0], kernel_size=1)
+    if len(student) == 2 and len(teacher) == 2 and student[0] == teacher[0]:
+        # per-class features (a CNP decoder's [classes, width]): one map of the width, for every class
+        return nn.Linear(student[1], teacher[1])
     raise ValueError(
         f"cannot project a student feature of shape {tuple(student)} onto a teacher feature of shape "
         f"{tuple(teacher)}: choose taps whose spatial sizes agree"

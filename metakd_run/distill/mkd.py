@@ -3,8 +3,9 @@
 For each task the frozen teacher adapts on the support set (no graph), and its outputs and
 features become targets. Teacher and student may be of different families
 (:mod:`metakd_run.meta`): a MAML teacher's targets come from its adapted parameters, a ProtoNet's
-are its distance logits given the support set; both come from ``adapted_outputs``, and a student
-of either family matches them with the same distances.
+are its distance logits given the support set, a CNP's its decoder's outputs given the support
+set's aggregate; all come from ``adapted_outputs``, and a student of any family matches them with
+the same distances (a CNP student in the outer loss only: it has no inner loop).
 
 Where the distillation acts (``kd.inner``):
 
@@ -30,12 +31,13 @@ from torch.func import grad
 
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.distill.losses import OUTPUT, Distiller
+from metakd_run.meta.cnp import CNP
 from metakd_run.meta.losses import TASK_LOSS, Params, piece_metrics
 from metakd_run.meta.maml import MAML
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.meta.threads import call_model
 
-AnyLearner = MAML | ProtoNet  # the two meta-learners mkd reads the surface of
+AnyLearner = MAML | ProtoNet | CNP  # the meta-learners mkd reads the surface of
 
 
 class MetaDistillation:
@@ -57,7 +59,7 @@ class MetaDistillation:
     ) -> None:
         if source not in ("adapted", "init"):
             raise ValueError(f"kd.source must be 'adapted' or 'init', got {source!r}")
-        if inner and (isinstance(student, ProtoNet) or student.cfg.inner_steps < 1):
+        if inner and (not student.inner_loop or student.cfg.inner_steps < 1):
             raise ValueError("kd.inner=true distils in the student's inner loop, and this student has none")
         if distiller.learns and not inner:
             raise ValueError(
@@ -83,7 +85,7 @@ class MetaDistillation:
         self, out: Tensor, feats: dict[str, Tensor], qy: Tensor, extra: Mapping[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Per task: task loss on the labelled queries + weight x distance on all query inputs."""
-        task_loss, aux = self.student.query_loss(out, qy)
+        task_loss, aux = self.student.query_loss(out, qy, feats)
         terms = self.distiller.terms({**feats, OUTPUT: out}, extra)
         aux = {**aux, "kd_loss": terms.mean()}
         return task_loss + self.weight * self.distiller.weigh(terms), aux

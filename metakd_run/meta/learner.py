@@ -1,4 +1,4 @@
-"""What every meta-learner (MAML, ProtoNet) holds: a model, its kind of task, the ``meta`` config,
+"""What every meta-learner (MAML, ProtoNet, CNP) holds: a model, its kind of task, the ``meta`` config,
 the parameters an inner loop adapts, and the strategy that runs a meta-batch through them."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from metakd_run.meta.strategies import Strategy, make_strategy
 
 class MetaLearner(nn.Module):
     """The shared state and plumbing; subclasses write the algorithm (adapt, task losses, curves)."""
+
+    inner_loop = True  # whether the family adapts by inner steps (ProtoNet and CNP do not)
 
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig, adapted: list[str]) -> None:
         super().__init__()

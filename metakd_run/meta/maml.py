@@ -187,7 +187,12 @@ class MAML(MetaLearner):
             fast = tasks.adapt(fast, self.rates_at(lrs, k), x, y, 1, create_graph)
         return fast
 
-    def query_loss(self, out: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def query_loss(
+        self,
+        out: Tensor,
+        y: Tensor,
+        features: Mapping[str, Tensor] | None = None,  # noqa: ARG002 - CNP's NLL reads its sigma
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The plain task loss of ONE task on its labelled query points (the first ``len(y)`` outputs)."""
         out = out[: y.shape[0]]
         loss = self.loss(out, y)

@@ -64,6 +64,8 @@ class ProtoNet(MetaLearner):
     outer settings apply; the inner-loop settings, and ``kd.inner`` for a student, do not).
     """
 
+    inner_loop = False
+
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig) -> None:
         if task != "classification":
             raise ValueError(f"protonet scores classes by their prototypes, but these tasks are {task}")
@@ -95,7 +97,12 @@ class ProtoNet(MetaLearner):
             )
         return {**params, weight: 2 * protos, bias: -protos.pow(2).sum(-1)}
 
-    def query_loss(self, out: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def query_loss(
+        self,
+        out: Tensor,
+        y: Tensor,
+        features: Mapping[str, Tensor] | None = None,  # noqa: ARG002 - CNP's NLL reads its sigma
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy of ONE task on its labelled query points (the first ``len(y)`` outputs)."""
         out = out[: y.shape[0]]
         loss = F.cross_entropy(out, y)

@@ -33,7 +33,13 @@ def call_model(model: nn.Module, params: Params, x: Tensor) -> Any:
     ``functional_call`` swaps a module's tensors in place for the call, so two threads must never
     call one module at once: every per-task call of a model goes through here.
     """
-    return functional_call(getattr(WORKER, "models", {}).get(id(model), model), params, (x,))
+    return functional_call(replica_of(model), params, (x,))
+
+
+def replica_of(model: nn.Module) -> nn.Module:
+    """This thread's replica of ``model`` in a worker, else ``model`` itself: call a submodule of it
+    (CNP's encoder) through this, never through ``model`` directly."""
+    return getattr(WORKER, "models", {}).get(id(model), model)
 
 
 def replicas(model: nn.Module, workers: int) -> list[nn.Module]:
