@@ -16,10 +16,15 @@ from metakd_run.config import ConfigError, Family, KDConfig, KDSource, MetaConfi
 from metakd_run.distill.losses import DISTANCES, EMBEDDING, OUTPUT, Distiller
 from metakd_run.meta.learner import MetaLearner
 from metakd_run.meta.maml import MAML
+from metakd_run.meta.pretrain import Pretrain
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.models import MODELS, build_model, feature_shapes
 
-LEARNERS: dict[Family, type[MAML | ProtoNet]] = {Family.maml: MAML, Family.protonet: ProtoNet}
+LEARNERS: dict[Family, type[MAML | ProtoNet | Pretrain]] = {
+    Family.maml: MAML,
+    Family.protonet: ProtoNet,
+    Family.pretrain: Pretrain,
+}
 
 
 def meta_learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: int) -> MetaLearner:
@@ -31,6 +36,13 @@ def meta_learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: 
             f"{meta.family_key(who)}=protonet is invalid: Prototypical Networks classify, and these tasks "
             f"are {source.task}; choose the maml family (meta=maml, fomaml, metasgd or anil)"
         )
+    if family == Family.pretrain and (
+        source.task != "classification" or not getattr(source, "num_classes", 0)
+    ):
+        raise ConfigError(
+            f"{meta.family_key(who)}=pretrain is invalid: plain pretraining trains a classifier over an "
+            f"image data set's training classes, and these tasks are {source.task}; choose the maml family"
+        )
     if model_cfg.name not in MODELS:
         raise ConfigError(f"{who}={model_cfg.name!r} is invalid: choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
@@ -39,7 +51,9 @@ def meta_learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: 
     except ValueError as err:
         raise ConfigError(f"{who}.{err}" if "=" in str(err).split(" ")[0] else f"{who}: {err}") from None
     try:
-        built = LEARNERS[family](model, source.task, meta)
+        # the pretrain family's classifier spans every class of the training split
+        extra = {"classes": int(source.num_classes)} if family == Family.pretrain else {}
+        built = LEARNERS[family](model, source.task, meta, **extra)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     built.task_pixels = task_pixels(source)
@@ -120,11 +134,14 @@ def distiller(
 def check_families(kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | ProtoNet) -> None:
     """What a distillation mode needs of the teacher's and the student's family (one line each)."""
     meta = student.cfg
-    if kd.source == KDSource.init and isinstance(teacher, ProtoNet):
+    if kd.source == KDSource.init and isinstance(teacher, ProtoNet | Pretrain):
+        family = "protonet" if isinstance(teacher, ProtoNet) else "pretrain"
         raise ConfigError(
-            "kd.source=init is invalid: a protonet teacher has no initialisation to distil apart from "
-            "its support prototypes; use kd.source=adapted"
+            f"kd.source=init is invalid: a {family} teacher has no initialisation to distil apart from "
+            "its support-fitted head; use kd.source=adapted"
         )
+    if isinstance(student, Pretrain):
+        check_pretrain_student(kd, teacher, meta)
     if kd.inner and isinstance(student, ProtoNet):
         raise ConfigError(
             f"kd.inner=true is invalid: it distils in the student's inner loop, and the protonet students "
@@ -141,4 +158,40 @@ def check_families(kd: KDConfig, teacher: MAML | ProtoNet, student: MAML | Proto
     if kd.learn_temperature and not DISTANCES[kd.distance].uses_temperature:
         raise ConfigError(
             f"kd.learn_temperature=true is invalid: kd.distance={kd.distance} has no temperature (kd=kl has)"
+        )
+
+
+def check_pretrain_student(kd: KDConfig, teacher: MAML | ProtoNet | Pretrain, meta: MetaConfig) -> None:
+    """A pretrain student learns by ordinary distillation on its mini-batches: what it cannot take."""
+    key = f"{meta.family_key('student')}=pretrain"
+    learned = [k for k in ("learn_weight", "learn_temperature") if getattr(kd, k)]
+    if learned:
+        raise ConfigError(
+            f"kd.{learned[0]}=true is invalid with {key}: it is meta-learned through an inner loop, and "
+            "plain pretraining has none; set it false"
+        )
+    if kd.inner:
+        raise ConfigError(
+            f"kd.inner=true is invalid with {key}: the pretrain student has no inner loop; use kd.inner=false"
+        )
+    if kd.source == KDSource.init:
+        raise ConfigError(
+            f"kd.source=init is invalid with {key}: a pretrain student sees no tasks, so there is nothing "
+            "to adapt; use kd.source=adapted (a meta-learned teacher then gives its unadapted features)"
+        )
+    if kd.transfer > 0:
+        raise ConfigError(
+            f"kd.transfer={kd.transfer} is invalid with {key}: the pretrain student distils on its "
+            "mini-batches, which have no transfer inputs; use kd.transfer=0"
+        )
+    if isinstance(teacher, Pretrain):
+        return
+    taps = (
+        [OUTPUT] if DISTANCES[kd.distance].default_tap == OUTPUT and kd.taps is None else list(kd.taps or [])
+    )
+    if DISTANCES[kd.distance].needs_logits or OUTPUT in taps + list(kd.student_taps or []):
+        raise ConfigError(
+            f"kd.distance={kd.distance} with kd.taps=[{','.join(taps)}] is invalid with {key} and a "
+            f"{meta.family_of('teacher')} teacher: the teacher has no logits over the training classes; "
+            "distil features (e.g. kd=sp, kd=cosine, or kd.taps=[embedding])"
         )
