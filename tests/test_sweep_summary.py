@@ -281,8 +281,12 @@ def test_layer_study_names_its_cells_and_reports_a_failed_one(tmp_path: Path):
 STUDIES = ("student_size", "kd_layer", "inner_steps", "families")
 EXPERIMENTS = {
     "sinusoid": SimpleNamespace(in_shape=(1,), out_dim=1, task="regression"),
-    "omniglot_5w1s_cpu": SimpleNamespace(in_shape=(1, 28, 28), out_dim=5, task="classification"),
-    "miniimagenet_5w1s_cpu": SimpleNamespace(in_shape=(3, 84, 84), out_dim=5, task="classification"),
+    "omniglot_5w1s_cpu": SimpleNamespace(
+        in_shape=(1, 28, 28), out_dim=5, task="classification", num_classes=4112
+    ),
+    "miniimagenet_5w1s_cpu": SimpleNamespace(
+        in_shape=(3, 84, 84), out_dim=5, task="classification", num_classes=64
+    ),
 }
 GRIDS = {  # (study, data set) -> the swept key and its values
     ("student_size", "sinusoid"): ("student.hidden", ["[5,5]", "[10,10]", "[20,20]", "[40,40]"]),
@@ -352,11 +356,15 @@ def test_each_study_preset_composes_and_every_cell_builds(study: str, experiment
             assert type(teacher).__name__.lower() == cell["teacher"]
     if study == "families":  # every family pair, every mode a student family can take
         pairs = {(c["teacher"], c["student"]) for c in cfg.study.cells.values()}
-        assert pairs == (
-            {("maml", "maml")}
-            if source.task == "regression"
-            else {(t, s) for t in ("maml", "protonet") for s in ("maml", "protonet")}
-        )
+        meta_pairs = {(t, s) for t in ("maml", "protonet") for s in ("maml", "protonet")}
+        # the pretrain family (outer loss only): into itself, into both meta-learned students, from ProtoNet
+        pretrain = {
+            ("pretrain", "pretrain"),
+            ("pretrain", "maml"),
+            ("pretrain", "protonet"),
+            ("protonet", "pretrain"),
+        }
+        assert pairs == ({("maml", "maml")} if source.task == "regression" else meta_pairs | pretrain)
 
 
 def test_no_study_leaves_the_default_config_alone():
