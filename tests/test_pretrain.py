@@ -323,6 +323,7 @@ def test_console_script_meta_pretrain_end_to_end_and_load(run_cli, tmp_path: Pat
     proc = run_cli(*omniglot, "meta=pretrain", "kd=kl", run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = read_summary(run_dir)
+    assert summary["hparams"]["meta.pretrain"] == "batch=8,linear,logreg(penalty=1)"
     for name in ("teacher", "student_kd", "student_base"):
         acc = summary["models"][name]["metrics"]["accuracy"]
         steps = [acc[k]["mean"] for k in ("step_0", "step_1", "step_3")]
