@@ -5,14 +5,14 @@
     fast = student.adapt(support_x, support_y)          # one task: [S, *input], [S] or [S, 1]
     logits = student.predict(query_x, fast)              # [Q, classes] (or [Q, 1] for regression)
 
-It builds the same meta-learner (MAML or ProtoNet) the console script trains, from the run's saved config, and
-loads the stage's checkpoint into it (the distilled student's projections are left out: they
-only serve training).
+It builds the same meta-learner (MAML, ProtoNet or Pretrain) the console script trains, from the
+run's saved config, and loads the stage's checkpoint into it (the distilled student's projections
+are left out: they only serve training).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class TaskShape:
     task: str
     in_shape: tuple[int, ...]
     out_dim: int
+    num_classes: int = 0  # training classes (the pretrain family's classifier; 0: not known)
 
 
 @dataclass
@@ -93,7 +94,10 @@ def load(run_dir: str | Path, model: str = "student_kd", device: str = "cpu") ->
     if any(k.startswith("learner.") for k in weights):  # the distilled student: drop its projections
         weights = {k[len("learner.") :]: v for k, v in weights.items() if k.startswith("learner.")}
     model_cfg = cfg.teacher if model == Stage.teacher else cfg.student
-    maml = build.meta_learner(model_cfg, model, task_shape(cfg), cfg.meta, seed=0)
+    shape = task_shape(cfg)
+    if "classifier.weight" in weights:  # the pretrain family: its classifier spans the training classes
+        shape = replace(shape, num_classes=int(weights["classifier.weight"].shape[0]))
+    maml = build.meta_learner(model_cfg, model, shape, cfg.meta, seed=0)
     load_state(maml, weights, f"checkpoint {path}")
     maml.to(torch.device(device), getattr(torch, str(cfg.dtype)))
     maml.eval()

@@ -17,15 +17,22 @@ from metakd_run.distill.losses import DISTANCES, EMBEDDING, OUTPUT, Distiller
 from metakd_run.meta.cnp import CNP
 from metakd_run.meta.learner import MetaLearner
 from metakd_run.meta.maml import MAML
+from metakd_run.meta.pretrain import Pretrain
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.models import MODELS, build_model, feature_shapes
 
-AnyLearner = MAML | ProtoNet | CNP
-LEARNERS: dict[Family, type[AnyLearner]] = {Family.maml: MAML, Family.protonet: ProtoNet, Family.cnp: CNP}
+AnyLearner = MAML | ProtoNet | CNP | Pretrain
+LEARNERS: dict[Family, type[AnyLearner]] = {
+    Family.maml: MAML,
+    Family.protonet: ProtoNet,
+    Family.cnp: CNP,
+    Family.pretrain: Pretrain,
+}
 # what a family's teacher offers in place of an initialisation to distil (kd.source=init)
 NO_INIT = {
     Family.protonet: "a protonet teacher has no initialisation to distil apart from its support prototypes",
     Family.cnp: "a cnp teacher has no initialisation to distil apart from its support set's aggregate",
+    Family.pretrain: "a pretrain teacher has no initialisation to distil apart from its support-fitted head",
 }
 
 
@@ -38,6 +45,13 @@ def meta_learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: 
             f"{meta.family_key(who)}=protonet is invalid: Prototypical Networks classify, and these tasks "
             f"are {source.task}; choose the maml family (meta=maml, fomaml, metasgd or anil) or meta=cnp"
         )
+    if family == Family.pretrain and (
+        source.task != "classification" or not getattr(source, "num_classes", 0)
+    ):
+        raise ConfigError(
+            f"{meta.family_key(who)}=pretrain is invalid: plain pretraining trains a classifier over an "
+            f"image data set's training classes, and these tasks are {source.task}; choose the maml family"
+        )
     if model_cfg.name not in MODELS:
         raise ConfigError(f"{who}={model_cfg.name!r} is invalid: choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
@@ -46,7 +60,9 @@ def meta_learner(model_cfg: Any, who: str, source: Any, meta: MetaConfig, seed: 
     except ValueError as err:
         raise ConfigError(f"{who}.{err}" if "=" in str(err).split(" ")[0] else f"{who}: {err}") from None
     try:
-        built = LEARNERS[family](model, source.task, meta)
+        # the pretrain family's classifier spans every class of the training split
+        extra = {"classes": int(source.num_classes)} if family == Family.pretrain else {}
+        built = LEARNERS[family](model, source.task, meta, **extra)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     built.task_pixels = task_pixels(source)
@@ -125,6 +141,8 @@ def distiller(kd: KDConfig, teacher: AnyLearner, student: AnyLearner, in_shape: 
 def check_families(kd: KDConfig, teacher: AnyLearner, student: AnyLearner) -> None:
     """What a distillation mode needs of the teacher's and the student's family (one line each)."""
     meta = student.cfg
+    if isinstance(student, Pretrain):
+        check_pretrain_student(kd, teacher, meta)
     if kd.source == KDSource.init and not teacher.inner_loop:
         raise ConfigError(
             f"kd.source=init is invalid: {NO_INIT[meta.family_of('teacher')]}; use kd.source=adapted"
@@ -146,4 +164,40 @@ def check_families(kd: KDConfig, teacher: AnyLearner, student: AnyLearner) -> No
     if kd.learn_temperature and not DISTANCES[kd.distance].uses_temperature:
         raise ConfigError(
             f"kd.learn_temperature=true is invalid: kd.distance={kd.distance} has no temperature (kd=kl has)"
+        )
+
+
+def check_pretrain_student(kd: KDConfig, teacher: AnyLearner, meta: MetaConfig) -> None:
+    """A pretrain student learns by ordinary distillation on its mini-batches: what it cannot take."""
+    key = f"{meta.family_key('student')}=pretrain"
+    learned = [k for k in ("learn_weight", "learn_temperature") if getattr(kd, k)]
+    if learned:
+        raise ConfigError(
+            f"kd.{learned[0]}=true is invalid with {key}: it is meta-learned through an inner loop, and "
+            "plain pretraining has none; set it false"
+        )
+    if kd.inner:
+        raise ConfigError(
+            f"kd.inner=true is invalid with {key}: the pretrain student has no inner loop; use kd.inner=false"
+        )
+    if kd.source == KDSource.init:
+        raise ConfigError(
+            f"kd.source=init is invalid with {key}: a pretrain student sees no tasks, so there is nothing "
+            "to adapt; use kd.source=adapted (a meta-learned teacher then gives its unadapted features)"
+        )
+    if kd.transfer > 0:
+        raise ConfigError(
+            f"kd.transfer={kd.transfer} is invalid with {key}: the pretrain student distils on its "
+            "mini-batches, which have no transfer inputs; use kd.transfer=0"
+        )
+    if isinstance(teacher, Pretrain):
+        return
+    taps = (
+        [OUTPUT] if DISTANCES[kd.distance].default_tap == OUTPUT and kd.taps is None else list(kd.taps or [])
+    )
+    if DISTANCES[kd.distance].needs_logits or OUTPUT in taps + list(kd.student_taps or []):
+        raise ConfigError(
+            f"kd.distance={kd.distance} with kd.taps=[{','.join(taps)}] is invalid with {key} and a "
+            f"{meta.family_of('teacher')} teacher: the teacher has no logits over the training classes; "
+            "distil features (e.g. kd=sp, kd=cosine, or kd.taps=[embedding])"
         )

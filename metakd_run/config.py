@@ -53,6 +53,7 @@ class Family(Choice):
     maml = "maml"  # gradient steps from a learned initialisation (MAML, FOMAML, Meta-SGD, ANIL)
     protonet = "protonet"  # Prototypical Networks: class prototypes, distance logits, no inner loop
     cnp = "cnp"  # Conditional Neural Processes: a support set's mean encoding, a decoder, no inner loop
+    pretrain = "pretrain"  # plain classification pretraining, a frozen embedding at test (meta/pretrain.py)
 
 
 class OuterSchedule(Choice):
@@ -209,6 +210,39 @@ class ResNet12Config:
 
 
 # --- algorithm, distillation, training, evaluation -----------------------------------------------
+class Classifier(Choice):
+    """The pretrain family's classifier over the training classes."""
+
+    linear = "linear"  # Chen et al.'s Baseline: a linear layer on the embedding
+    cosine = "cosine"  # Baseline++: scale x cosine similarity to a weight vector per class
+
+
+class TestHead(Choice):
+    """How a pretrained (frozen) embedding classifies a task's queries from its support set."""
+
+    centroid = "centroid"  # nearest class centroid, ProtoNet's prototypes and distance logits
+    logreg = "logreg"  # multinomial logistic regression on the L2-normalised support embeddings
+
+
+@dataclass
+class PretrainConfig:
+    """``meta.family=pretrain`` (meta=pretrain): Chen et al. 2019, Tian et al. 2020. Shapes the
+    fingerprint of a role of the pretrain family only."""
+
+    batch: int = 64  # images per mini-batch (uniform over the training split's images, global labels)
+    classifier: Classifier = Classifier.linear  # over every training class: linear or cosine
+    scale: float = 10.0  # the cosine classifier's fixed scale (its logits lie in [-scale, scale])
+    head: TestHead = TestHead.logreg  # meta-test (and validation) head on the frozen embedding
+    logreg_penalty: float = 1.0  # L2 penalty on the logreg weights: sum of CE + penalty/2 ||W||^2 (1/C)
+    logreg_steps: int = 100  # LBFGS iterations of the logreg fit (full batch, deterministic)
+
+    def __post_init__(self) -> None:
+        check(self.batch >= 1, "meta.pretrain.batch", self.batch, "must be >= 1")
+        check(self.scale > 0, "meta.pretrain.scale", self.scale, "must be > 0")
+        check(self.logreg_penalty > 0, "meta.pretrain.logreg_penalty", self.logreg_penalty, "must be > 0")
+        check(self.logreg_steps >= 1, "meta.pretrain.logreg_steps", self.logreg_steps, "must be >= 1")
+
+
 @dataclass
 class MetaConfig:
     name: str = "maml"
@@ -224,7 +258,7 @@ class MetaConfig:
     batching: Batching = Batching.auto  # how the tasks of a meta-batch are computed (meta/strategies.py)
     chunk: int = 0  # >0: this many tasks per graph (bounded memory); 0: the strategy's choice
     task_shards: int = 0  # >0: draw the meta-batch as N rank-seeded shards (see distributed.py)
-    family: Family = Family.maml  # every model's family: maml (this group's options), protonet or cnp
+    family: Family = Family.maml  # every model's family: maml (its options here), protonet, cnp, pretrain
     # MAML++ (Antoniou et al. 2019), each an option; meta=mamlpp turns them on
     msl: bool = False  # multi-step loss: the outer loss weighs the query loss after every inner step
     msl_until: float = 0.1  # ... with weights annealed to the last step over this fraction of a stage
@@ -234,6 +268,7 @@ class MetaConfig:
     rate_lr: float | None = None  # Adam's rate for learned inner rates (LSLR, Meta-SGD); null: outer_lr
     teacher_family: Family | None = None  # the teacher's, when it differs (null: family)
     student_family: Family | None = None  # both students', when it differs (null: family)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the pretrain family's options
 
     def family_of(self, role: str) -> Family:
         """The family of ``role``: ``teacher``, or a student (``student``, ``student_kd``, ...)."""

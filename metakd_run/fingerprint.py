@@ -20,7 +20,7 @@ import hashlib
 import json
 from typing import Any
 
-from metakd_run.config import Config, Stage, to_dict
+from metakd_run.config import Config, Family, Stage, to_dict
 
 # Keys that change how a run executes or what it shows, never what a stage computes. (The test
 # split shapes no stage: only the meta-test reads it, and the run's fingerprint holds it.)
@@ -56,8 +56,11 @@ def _validation(cfg: Config) -> list[Any]:
 
 def _meta(cfg: Config, role: str) -> dict[str, Any]:
     """The algorithm's options with the role's own family standing in for the family fields."""
+    family = cfg.meta.family_of(role)
     meta = {k: v for k, v in to_dict(cfg.meta).items() if not k.endswith("family")}
-    return {**meta, "family": str(cfg.meta.family_of(role))}
+    if family != Family.pretrain:  # its options shape a pretrain role only (and older fingerprints lack them)
+        meta.pop("pretrain", None)
+    return {**meta, "family": str(family)}
 
 
 def teacher_settings(cfg: Config) -> dict[str, Any]:

@@ -415,7 +415,11 @@ class Experiment:
             self.dist, src.train, cfg.meta.meta_batch, transfer, task_seed, cfg.meta.task_shards
         )
 
+        own = getattr(trainee.learner, "batches", None)  # the pretrain family draws mini-batches
+
         def sample(iteration: int, generator: torch.Generator) -> Any:
+            if own is not None:
+                return own(src.train, generator)
             if sharded is not None:  # data-parallel: this process's shard of the iteration
                 return sharded(iteration)
             return src.train.sample(cfg.meta.meta_batch, generator, transfer)

@@ -99,6 +99,7 @@ def test_overrides_reach_every_group(compose):
         ("meta=fomaml", "first_order", True),
         ("meta=metasgd", "learn_inner_lr", True),
         ("meta=anil", "anil", True),
+        ("meta=pretrain", "family", "pretrain"),
     ],
 )
 def test_meta_group_options(compose, option, key, value):

@@ -281,8 +281,12 @@ def test_layer_study_names_its_cells_and_reports_a_failed_one(tmp_path: Path):
 STUDIES = ("student_size", "kd_layer", "inner_steps", "families")
 EXPERIMENTS = {
     "sinusoid": SimpleNamespace(in_shape=(1,), out_dim=1, task="regression"),
-    "omniglot_5w1s_cpu": SimpleNamespace(in_shape=(1, 28, 28), out_dim=5, task="classification"),
-    "miniimagenet_5w1s_cpu": SimpleNamespace(in_shape=(3, 84, 84), out_dim=5, task="classification"),
+    "omniglot_5w1s_cpu": SimpleNamespace(
+        in_shape=(1, 28, 28), out_dim=5, task="classification", num_classes=4112
+    ),
+    "miniimagenet_5w1s_cpu": SimpleNamespace(
+        in_shape=(3, 84, 84), out_dim=5, task="classification", num_classes=64
+    ),
 }
 GRIDS = {  # (study, data set) -> the swept key and its values
     ("student_size", "sinusoid"): ("student.hidden", ["[5,5]", "[10,10]", "[20,20]", "[40,40]"]),
@@ -352,10 +356,12 @@ def test_each_study_preset_composes_and_every_cell_builds(study: str, experiment
             assert type(teacher).__name__.lower() == cell["teacher"]
     if study == "families":  # every family pair, every mode a student family can take
         pairs = {(c["teacher"], c["student"]) for c in cfg.study.cells.values()}
-        families = ("maml", "cnp") if source.task == "regression" else ("maml", "protonet", "cnp")
+        image = ("maml", "protonet", "cnp", "pretrain")
+        families = ("maml", "cnp") if source.task == "regression" else image
         assert pairs == {(t, s) for t in families for s in families}
-        # a family without an inner loop distils in the outer loss only
-        assert all(not c["inner"] for c in cfg.study.cells.values() if "cnp" in (c["teacher"], c["student"]))
+        # only a MAML student has an inner loop, and only MAML and ProtoNet teachers distil into it
+        inner = {(c["teacher"], c["student"]) for c in cfg.study.cells.values() if c["inner"]}
+        assert inner and all(s == "maml" and t in ("maml", "protonet") for t, s in inner)
 
 
 def test_no_study_leaves_the_default_config_alone():

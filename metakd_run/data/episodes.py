@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from metakd_run.data.errors import DataError
-from metakd_run.data.tasks import TaskBatch
+from metakd_run.data.tasks import MiniBatch, TaskBatch
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,20 @@ class EpisodeSampler:
     def _labels(self, num_tasks: int, per_class: int) -> Tensor:
         labels = torch.arange(self.ways, device=self.device).repeat_interleave(per_class)
         return labels.repeat(num_tasks, 1)
+
+    def sample_images(self, size: int, generator: torch.Generator) -> MiniBatch:
+        """``size`` images drawn uniformly (with replacement) from the whole split, labelled by their
+        class index in the split: plain pretraining's mini-batches. Every class holds as many images,
+        so a uniform class and a uniform image within it is a uniform image of the split. Draws only
+        from ``generator``, so a seed (and a resumed generator state) gives the same batches."""
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        rand_dev = generator.device
+        classes = torch.randint(self.num_classes, (size,), generator=generator, device=rand_dev)
+        index = torch.randint(self.images_per_class, (size,), generator=generator, device=rand_dev)
+        classes, index = classes.to(self.device), index.to(self.device)
+        x = self.images[classes, index].to(torch.float32).div_(255.0)
+        return MiniBatch(x, classes)
 
     # --- validation ----------------------------------------------------------------------------
     def _where(self) -> str:

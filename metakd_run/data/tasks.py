@@ -73,3 +73,24 @@ class TaskSource(Protocol):
     def sample(self, num_tasks: int, generator: torch.Generator, transfer: int = 0) -> TaskBatch:
         """``num_tasks`` tasks; ``transfer > 0`` adds that many unlabelled inputs (per class for images)."""
         ...
+
+
+@dataclass(frozen=True)
+class MiniBatch:
+    """Images of the training split with their global class labels, for plain pretraining.
+
+    ``x`` is ``[B, *input]``, ``y`` is int64 ``[B]`` (the split's class index, ``0..C-1``). It moves
+    like a :class:`TaskBatch`, so the training loop takes either from a stage's sampler.
+    """
+
+    x: Tensor
+    y: Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MiniBatch:
+        """Move both; ``dtype`` applies to the images only."""
+        x = (
+            self.x.to(device=device, dtype=dtype, non_blocking=True)
+            if dtype is not None
+            else self.x.to(device)
+        )
+        return MiniBatch(x, self.y.to(device=device, non_blocking=True))

@@ -19,6 +19,12 @@ Where the distillation acts (``kd.inner``):
   what they do to the adapted student's query loss, as in Meta Knowledge Distillation (Liu et al.
   2022, arXiv 2202.07940) and MetaDistil (Zhou et al., ACL 2022). In both modes the student is
   evaluated alone: at meta-test it adapts on the task loss, with no teacher.
+
+A pretrain student (:mod:`metakd_run.meta.pretrain`) sees no tasks: it learns by ordinary
+distillation on its mini-batches of training images, its cross-entropy over the training classes
+plus ``weight`` times the distance to the teacher's outputs and features on the same images: a
+pretrain teacher's logits over the same classes (Hinton et al.'s KL with kd=kl) and features, or a
+meta-learned teacher's unadapted features (no logits: refused before training, in build.py).
 """
 
 from __future__ import annotations
@@ -29,15 +35,16 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from metakd_run.data.tasks import TaskBatch
+from metakd_run.data.tasks import MiniBatch, TaskBatch
 from metakd_run.distill.losses import OUTPUT, Distiller
 from metakd_run.meta.cnp import CNP
 from metakd_run.meta.losses import TASK_LOSS, Params, piece_metrics
 from metakd_run.meta.maml import MAML
+from metakd_run.meta.pretrain import Pretrain
 from metakd_run.meta.protonet import ProtoNet
 from metakd_run.meta.threads import call_model
 
-AnyLearner = MAML | ProtoNet | CNP  # the meta-learners mkd reads the surface of
+AnyLearner = MAML | ProtoNet | CNP | Pretrain  # the learners mkd reads the surface of
 
 
 class MetaDistillation:
@@ -77,6 +84,17 @@ class MetaDistillation:
         """The teacher's outputs and features ``{tap: [T, N, ...]}`` on ``inputs``, per support set."""
         steps = None if self.source == "adapted" else 0
         out, feats = self.teacher.adapted_outputs(batch.support_x, batch.support_y, inputs, steps)
+        feats = {**feats, OUTPUT: out}
+        return {t: feats[t] for t in self.teacher_taps}
+
+    @torch.no_grad()
+    def teacher_on_images(self, x: Tensor) -> dict[str, Tensor]:
+        """The teacher's outputs and features ``{tap: [B, ...]}`` on a mini-batch of images: a pretrain
+        teacher's logits over the training classes, else its meta-learned (unadapted) model's."""
+        if isinstance(self.teacher, Pretrain):
+            out, feats = self.teacher.classify(x)
+        else:
+            out, feats = self.teacher.model(x)
         feats = {**feats, OUTPUT: out}
         return {t: feats[t] for t in self.teacher_taps}
 
@@ -144,7 +162,10 @@ class MetaDistillation:
         """
         for p in self.teacher.parameters():  # frozen from the first distillation step (it was trained)
             p.requires_grad_(False)
-        if self.inner:
+        if isinstance(batch, MiniBatch):  # a pretrain student: ordinary distillation
+            extra = self.teacher_on_images(batch.x)
+            metrics = self.student.meta_backward(batch, self.objective, extra, wrt=self.trained_parameters())
+        elif self.inner:
             metrics = self._inner_meta_backward(batch)
         else:
             query_x = batch.query_x

@@ -22,6 +22,16 @@ def mamlpp_options(meta: Any) -> str:
     return ",".join(on) or "none"
 
 
+def pretrain_options(meta: Any) -> str:
+    """The pretrain family's options in one cell, or ``none`` when no role is of that family."""
+    if "pretrain" not in (str(meta.family_of("teacher")), str(meta.family_of("student"))):
+        return "none"
+    p = meta.pretrain
+    scale = f"x{p.scale:g}" if str(p.classifier) == "cosine" else ""
+    head = f"logreg(penalty={p.logreg_penalty:g})" if str(p.head) == "logreg" else str(p.head)
+    return f"batch={p.batch},{p.classifier}{scale},{head}"
+
+
 def key_hparams(cfg: Config) -> dict[str, Any]:
     """The hyperparameters a reader compares runs on (also the HParams tab's columns)."""
     ds, meta, kd = cfg.dataset, cfg.meta, cfg.kd
@@ -38,6 +48,7 @@ def key_hparams(cfg: Config) -> dict[str, Any]:
         "meta.learn_inner_lr": meta.learn_inner_lr,
         "meta.anil": meta.anil,
         "meta.mamlpp": mamlpp_options(meta),
+        "meta.pretrain": pretrain_options(meta),
         "meta.outer_lr": meta.outer_lr,
         "meta.outer_schedule": str(meta.outer_schedule),
         "meta.meta_batch": meta.meta_batch,
