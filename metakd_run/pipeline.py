@@ -277,7 +277,7 @@ class Experiment:
         cfg = self.cfg
         if not cfg.train.teacher_cache:
             return None
-        folder = Path(cfg.train.teacher_cache).expanduser()
+        folder = Path(os.path.normpath(Path(cfg.train.teacher_cache).expanduser()))  # a study's <job>/..
         own = fingerprint.digest(fingerprint.stage_settings(cfg, Stage.teacher))
         path = folder / f"teacher-seed{cfg.seed}-{own}.pt"
         legacy = folder / f"teacher-seed{cfg.seed}-{fingerprint.cache_digest(cfg)}.pt"

@@ -319,8 +319,10 @@ def test_each_study_preset_composes_and_every_cell_builds(study: str, experiment
         cfg = compose("config", [f"study={study}", f"experiment={experiment}"], return_hydra_config=True)
         job = compose("config", [f"study={study}", f"experiment={experiment}"])
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.study.name == study
-    cache = cfg.hydra.job.env_set.METAKD_TEACHER_CACHE  # the job config reads it back (common.yaml)
-    assert cache.startswith(f"outputs/studies/{cfg.name}/{study}/") and cache.endswith("/teachers")
+    assert cfg.hydra.sweep.dir.startswith(f"outputs/studies/{cfg.name}/{study}/")
+    # the job config reads it back (common.yaml): the sweep folder's teachers/, from the job's folder
+    env = OmegaConf.to_container(cfg.hydra.job.env_set, resolve=False)
+    assert env["METAKD_TEACHER_CACHE"] == "${hydra.runtime.output_dir}/../teachers"
     params = dict(cfg.hydra.sweeper.params)
     assert list(params)[-1] == "seed" and params["seed"] == "range(0,5)"  # seed varies fastest
     ((key, spec),) = [(k, v) for k, v in params.items() if k != "seed"]
@@ -382,18 +384,18 @@ def test_no_study_leaves_the_default_config_alone():
 
 @pytest.mark.slow
 def test_a_seed_sweep_of_a_study_groups_its_seeds_and_trains_one_teacher_per_seed(tmp_path: Path):
-    """``study=student_size`` cut to two widths and two seeds, a few iterations, basic launcher."""
-    sweep_dir = tmp_path / "sweep"
+    """``study=student_size`` cut to two widths and two seeds, a few iterations, basic launcher, into
+    the study's own sweep folder (outputs/studies/<experiment>/<study>/<time>, as documented)."""
     tiny = [
         "train.iterations=3", "train.val_every=3", "train.val_tasks=4", "train.checkpoint_every=5",
         "train.progress=false", "meta.meta_batch=2", "eval.tasks=4", "eval.steps=1",
         "eval.report_steps=[0,1]", "eval.batch=4", "threads=1",
     ]  # fmt: skip
-    args = [*metakd_run_exe(), "study=student_size", "student.hidden=[5,5],[10,10]", "seed=0,1", *tiny,
-            f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    args = [*metakd_run_exe(), "study=student_size", "student.hidden=[5,5],[10,10]", "seed=0,1", *tiny]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "outputs" / "studies" / "sinusoid" / "student_size").iterdir()
     groups = read_csv(sweep_dir / "sweep_groups.csv")
     assert [(g["student.hidden"], g["n"], g["seeds"]) for g in groups] == [
         ("[5,5]", "2", "0 1"),
