@@ -27,33 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-
-def metakd_run() -> list[str]:
-    exe = shutil.which("metakd-run", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "metakd_run.cli"]
-
-
-def run(overrides: list[str], run_dir: Path) -> tuple[float, float]:
-    """One console-script run; returns its CPU seconds (user + system) and wall seconds."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    tic = time.perf_counter()
-    proc = subprocess.run(
-        [*metakd_run(), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True
-    )
-    wall = time.perf_counter() - tic
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        sys.exit(f"metakd-run failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return cpu, wall
+from cpu_budget import run  # scripts/cpu_budget.py: the child run and its CPU time
 
 
 def stage_result(run_dir: Path) -> dict[str, Any]:
