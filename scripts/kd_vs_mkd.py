@@ -12,7 +12,8 @@ step is one mini-batch, a meta-step a meta-batch of episodes. So:
 1. The MKD arm: the experiment's three stages with ``meta=<--mkd-family>`` (teacher, distilled
    student, undistilled student), once per seed, with the preset's iterations.
 2. Its budget: the mean over seeds of each stage's training CPU seconds (the teacher's, and the
-   distilled student's, which is the dearer student stage), validation left out.
+   distilled student's, which is the dearer student stage), validation left out. It is fixed the
+   first time (``<out>/<experiment>/kd/plan.json``): rerunning with more seeds keeps it.
 3. Calibration: a short ``meta=pretrain`` run measures the CPU seconds of one pretrain iteration of
    the teacher and of the distilled student.
 4. The KD arm: ``meta=pretrain`` with the iterations that spend the MKD arm's budget, the same
@@ -99,6 +100,37 @@ def signed(values: list[float]) -> str:
     return f"{text} ({sum(v > 0 for v in values)}/{len(values)})"
 
 
+def kd_plan(
+    args: argparse.Namespace,
+    base: list[str],
+    mkd: dict[int, Path],
+    mkd_minutes: dict[int, dict[str, float]],
+    calib: Path,
+) -> dict[str, Any]:
+    """The KD arm's iterations: the MKD arm's mean training CPU-minutes per stage (teacher, distilled
+    student) divided by a calibrated pretrain iteration's CPU seconds; as many validations."""
+    budget = {m: statistics.mean(mkd_minutes[s][m] for s in mkd) for m in ("teacher", "student_kd")}
+    first = mkd[min(mkd)]
+    its, val_every = (int(config_value(first, "train", k)) for k in ("iterations", "val_every"))
+    validations = max(1, its // val_every)
+    c = args.calibrate
+    short = [f"train.iterations={c}", f"train.student_iterations={c}", f"train.val_every={c}",
+             "train.val_tasks=2", "eval.tasks=2", "eval.batch=2", f"seed={min(mkd)}"]  # fmt: skip
+    share = ensure_run([*base, "meta=pretrain", *short], calib)
+    timings = stage_timings(calib)
+    per_it = {m: training_seconds_per_iteration(timings[m], share) for m in ("teacher", "student_kd")}
+    teacher_its = max(validations, round(budget["teacher"] * 60 / per_it["teacher"]))
+    student_its = max(validations, round(budget["student_kd"] * 60 / per_it["student_kd"]))
+    return {
+        "budget_seeds": sorted(mkd),
+        "budget_cpu_minutes": budget,
+        "pretrain_cpu_seconds_per_iteration": per_it,
+        "teacher_iterations": teacher_its,
+        "student_iterations": student_its,
+        "val_every": max(1, min(teacher_its, student_its) // validations),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -123,23 +155,18 @@ def main() -> None:
     mkd = {s: out / "mkd" / f"seed{s}" for s in args.seeds}
     shares = {s: ensure_run([*base, f"meta={args.mkd_family}", f"seed={s}"], d) for s, d in mkd.items()}
     mkd_minutes = {s: cpu_minutes(d, shares[s]) for s, d in mkd.items()}
-    budget = {m: statistics.mean(mkd_minutes[s][m] for s in args.seeds) for m in ("teacher", "student_kd")}
-    first = mkd[args.seeds[0]]
-    validations = max(
-        1, int(config_value(first, "train", "iterations")) // int(config_value(first, "train", "val_every"))
+    plan_file = out / "kd" / "plan.json"  # the KD arm's budget, fixed once (more seeds later keep it)
+    if plan_file.is_file():
+        plan = json.loads(plan_file.read_text())
+    else:
+        plan = kd_plan(args, base, mkd, mkd_minutes, out / "kd" / "calibration")
+        plan_file.write_text(json.dumps(plan, indent=2))
+    budget, teacher_its, student_its, every = (
+        plan["budget_cpu_minutes"],
+        plan["teacher_iterations"],
+        plan["student_iterations"],
+        plan["val_every"],
     )
-
-    # 3: calibration of a pretrain iteration
-    calib = out / "kd" / "calibration"
-    c = args.calibrate
-    short = [f"train.iterations={c}", f"train.student_iterations={c}", f"train.val_every={c}",
-             "train.val_tasks=2", "eval.tasks=2", "eval.batch=2", f"seed={args.seeds[0]}"]  # fmt: skip
-    share = ensure_run([*base, "meta=pretrain", *short], calib)
-    timings = stage_timings(calib)
-    per_it = {m: training_seconds_per_iteration(timings[m], share) for m in ("teacher", "student_kd")}
-    teacher_its = max(validations, round(budget["teacher"] * 60 / per_it["teacher"]))
-    student_its = max(validations, round(budget["student_kd"] * 60 / per_it["student_kd"]))
-    every = max(1, min(teacher_its, student_its) // validations)
 
     # 4: the KD arm at that budget
     kd_overrides = ["meta=pretrain", f"train.iterations={teacher_its}",
@@ -168,7 +195,8 @@ def main() -> None:
         f"Seeds {', '.join(map(str, seeds))}; accuracy (%) at each model's last meta-test step, mean ± "
         "Student-t 95% over seeds; differences paired seed by seed (seeds where positive). The KD arm's "
         f"iterations ({teacher_its} teacher, {student_its} per student) spend the MKD arm's mean training "
-        f"CPU-minutes ({budget['teacher']:.1f} teacher, {budget['student_kd']:.1f} distilled student).",
+        f"CPU-minutes ({budget['teacher']:.1f} teacher, {budget['student_kd']:.1f} distilled student, "
+        f"seeds {', '.join(map(str, plan['budget_seeds']))}).",
         "",
         "| arm | teacher | distilled | undistilled | distilled − undistilled | CPU min (t / d / u) |",
         "|---|---|---|---|---|---|",
@@ -190,6 +218,7 @@ def main() -> None:
                 "overrides": extra,
                 "budget_cpu_minutes": budget,
                 "kd_iterations": {"teacher": teacher_its, "students": student_its, "val_every": every},
+                "plan": plan,
                 "accuracy": {arm: {str(s): v for s, v in a.items()} for arm, a in acc.items()},
                 "cpu_minutes": {arm: {str(s): v for s, v in m.items()} for arm, m in minutes.items()},
             },
