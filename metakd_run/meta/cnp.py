@@ -58,11 +58,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from metakd_run.config import MetaConfig
-from metakd_run.data.tasks import TaskBatch
 from metakd_run.meta.auto import conv_width
-from metakd_run.meta.learner import MetaLearner
-from metakd_run.meta.losses import Params, Rates, accuracy, losses_per_task, piece_metrics
-from metakd_run.meta.maml import Objective
+from metakd_run.meta.feedforward import FeedForward
+from metakd_run.meta.losses import Params, Rates, accuracy, losses_per_task
 from metakd_run.meta.threads import call_model, replica_of
 from metakd_run.models.mlp import ACTIVATIONS, MLP
 
@@ -212,7 +210,7 @@ def class_means(embeddings: Tensor, labels: Tensor, classes: int) -> Tensor:
     return (onehot.transpose(-1, -2) @ embeddings) / onehot.sum(-2).unsqueeze(-1)
 
 
-class CNP(MetaLearner):
+class CNP(FeedForward):
     """A Conditional Neural Process with MAML's interface: no inner loop, one pass per task.
 
     ``model`` is the role's built model: an ``mlp`` for regression (its widths and activation
@@ -220,8 +218,6 @@ class CNP(MetaLearner):
     group (its batching, chunk and outer settings apply; the inner-loop settings, and
     ``kd.inner``/``kd.source=init`` for a CNP student/teacher, do not).
     """
-
-    inner_loop = False
 
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig) -> None:
         if task == "regression":
@@ -302,70 +298,6 @@ class CNP(MetaLearner):
         if self.strategy.name == "batched":
             return self.model.batched_outputs(params, sx, sy, qx)
         return self.strategy.map(functools.partial(self._task_outputs, params), sx, sy, qx)
-
-    def task_losses(
-        self,
-        batch: TaskBatch,
-        objective: Objective | None,
-        extra: Mapping[str, Tensor],
-        query_x: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-task outer losses ``[T]`` (and metrics): ``objective`` scores one task's outputs on
-        ``query_x`` (default: :meth:`query_loss`), as :meth:`MAML.task_losses` does after adapting."""
-        out, feats = self.outputs(self.params(), batch.support_x, batch.support_y, query_x)
-        if objective is None:
-            return self.query_losses(out, batch.query_y, feats)
-        return self.strategy.map(objective, out, feats, batch.query_y, dict(extra))
-
-    def meta_backward(
-        self,
-        batch: TaskBatch,
-        objective: Objective | None = None,
-        extra: Mapping[str, Tensor] | None = None,
-        query_x: Tensor | None = None,
-        wrt: Sequence[Tensor] | None = None,
-    ) -> dict[str, float]:
-        """Accumulate the gradient of the mean outer loss into ``.grad``; return mean metrics
-        (``meta.chunk`` and ``wrt`` as in :meth:`MAML.meta_backward`)."""
-        total = batch.num_tasks
-
-        def piece(
-            part: TaskBatch, part_extra: dict[str, Tensor], part_qx: Tensor
-        ) -> tuple[Tensor, dict[str, Tensor]]:
-            losses, aux = self.task_losses(part, objective, part_extra, part_qx)
-            return losses.sum() / total, piece_metrics(losses, aux)
-
-        qx = batch.query_x if query_x is None else query_x
-        params = list(self.parameters()) if wrt is None else wrt
-        metrics = self.strategy.backward(piece, params, batch, dict(extra or {}), qx)
-        return {k: float(v.mean()) for k, v in metrics.items()}
-
-    @torch.no_grad()
-    def adapted_outputs(
-        self,
-        sx: Tensor,
-        sy: Tensor,
-        qx: Tensor,
-        steps: int | None = None,  # noqa: ARG002 - no inner steps: the aggregate is the adaptation
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Outputs (the mean, or the logits) and features on ``qx`` given each task's support set."""
-        params, _ = self.frozen()
-        return self.strategy.chunked(functools.partial(self.outputs, params), sx, sy, qx)
-
-    @torch.no_grad()
-    def adaptation_curve(
-        self, batch: TaskBatch, steps: int, at: Sequence[int] | None = None
-    ) -> dict[str, Tensor]:
-        """Query metrics per task, ``{metric: [len(at), T]}``: the same row at every step."""
-        at = sorted({s for s in (range(steps + 1) if at is None else at) if 0 <= s <= steps})
-        params, _ = self.frozen()
-
-        def curve(part: TaskBatch) -> dict[str, Tensor]:
-            out, feats = self.outputs(params, part.support_x, part.support_y, part.query_x)
-            aux = self.query_losses(out, part.query_y, feats)[1]
-            return {k: v.unsqueeze(1).expand(-1, len(at)).contiguous() for k, v in aux.items()}
-
-        return {k: v.transpose(0, 1) for k, v in self.strategy.chunked(curve, batch).items()}
 
 
 def gaussian_log_likelihood(mean: Tensor, sigma: Tensor, y: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
-"""What every meta-learner (MAML, ProtoNet, CNP) holds: a model, its kind of task, the ``meta`` config,
-the parameters an inner loop adapts, and the strategy that runs a meta-batch through them."""
+"""What every meta-learner (MAML, ProtoNet, CNP, pretrain) holds: a model, its kind of task, the
+``meta`` config, the parameters an inner loop adapts, and the strategy that runs a meta-batch."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -9,14 +11,14 @@ from torch.func import functional_call
 
 from metakd_run.config import MetaConfig
 from metakd_run.meta.auto import device_of
-from metakd_run.meta.losses import Params
+from metakd_run.meta.losses import TASK_LOSS, Params, accuracy, losses_per_task
 from metakd_run.meta.strategies import Strategy, make_strategy
 
 
 class MetaLearner(nn.Module):
     """The shared state and plumbing; subclasses write the algorithm (adapt, task losses, curves)."""
 
-    inner_loop = True  # whether the family adapts by inner steps (ProtoNet and CNP do not)
+    inner_loop = True  # whether the family adapts by inner steps (feedforward.py's families do not)
 
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig, adapted: list[str]) -> None:
         super().__init__()
@@ -34,6 +36,35 @@ class MetaLearner(nn.Module):
         # how far the current stage is (0 at its first meta-iteration, 1 after it): schedules that
         # depend on it (MAML++'s) read it; outside training it is 1, the schedules' final state
         self.progress = 1.0
+
+    def query_loss(
+        self,
+        out: Tensor,
+        y: Tensor,
+        features: Mapping[str, Tensor] | None = None,  # noqa: ARG002 - CNP's NLL reads its sigma
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The plain task loss of ONE task on its labelled query points (the first ``len(y)`` outputs)
+        and, for classification, its accuracy. Every family but the CNP's regression scores so."""
+        out = out[: y.shape[0]]
+        loss = TASK_LOSS[self.task](out, y)
+        aux = {"task_loss": loss}
+        if self.task == "classification":
+            aux["accuracy"] = accuracy(out, y)
+        return loss, aux
+
+    def query_losses(
+        self,
+        out: Tensor,
+        y: Tensor,
+        features: Mapping[str, Tensor] | None = None,  # noqa: ARG002 - CNP's NLL reads its sigma
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`query_loss` of every task at once: ``out [T, B(+U), ...]``, ``y [T, B]`` -> ``[T]``."""
+        out = out[:, : y.shape[1]]
+        losses = losses_per_task(self.task, out, y)
+        aux = {"task_loss": losses}
+        if self.task == "classification":
+            aux["accuracy"] = accuracy(out, y)
+        return losses, aux
 
     def begin_iteration(self, iteration: int, total: int) -> None:
         """Called by the training loop before each meta-iteration (0-based) of a stage of ``total``."""

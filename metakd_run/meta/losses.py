@@ -10,6 +10,8 @@ from torch.nn import functional as F
 
 Params = dict[str, Tensor]
 Rates = Mapping[str, Tensor | float]
+# objective(output, features, query_targets, extra) -> (loss, {name: scalar}), for ONE task
+Objective = Callable[[Tensor, dict[str, Tensor], Tensor, Mapping[str, Tensor]], tuple[Tensor, dict]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,14 +26,19 @@ from metakd_run.config import MetaConfig
 from metakd_run.data.tasks import TaskBatch
 from metakd_run.meta.inner import sgd_step
 from metakd_run.meta.learner import MetaLearner
-from metakd_run.meta.losses import TASK_LOSS, Params, Rates, accuracy, losses_per_task, piece_metrics
+from metakd_run.meta.losses import (  # noqa: F401 - Objective: MAML's surface, re-exported
+    TASK_LOSS,
+    Objective,
+    Params,
+    Rates,
+    accuracy,
+    losses_per_task,
+    piece_metrics,
+)
 from metakd_run.meta.strategies import Strategy
 from metakd_run.models.norm import MetaBatchNorm2d
 
 log = logging.getLogger(__name__)
-
-# objective(output, features, query_targets, extra) -> (loss, {name: scalar}), for ONE task
-Objective = Callable[[Tensor, dict[str, Tensor], Tensor, Mapping[str, Tensor]], tuple[Tensor, dict]]
 
 
 class MAML(MetaLearner):
@@ -186,29 +191,6 @@ class MAML(MetaLearner):
                 fast = tasks.replace(fast, norms)
             fast = tasks.adapt(fast, self.rates_at(lrs, k), x, y, 1, create_graph)
         return fast
-
-    def query_loss(
-        self,
-        out: Tensor,
-        y: Tensor,
-        features: Mapping[str, Tensor] | None = None,  # noqa: ARG002 - CNP's NLL reads its sigma
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The plain task loss of ONE task on its labelled query points (the first ``len(y)`` outputs)."""
-        out = out[: y.shape[0]]
-        loss = self.loss(out, y)
-        aux = {"task_loss": loss}
-        if self.task == "classification":
-            aux["accuracy"] = accuracy(out, y)
-        return loss, aux
-
-    def query_losses(self, out: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`query_loss` of every task at once: ``out [T, B(+U), ...]``, ``y [T, B]`` -> ``[T]``."""
-        out = out[:, : y.shape[1]]
-        losses = losses_per_task(self.task, out, y)
-        aux = {"task_loss": losses}
-        if self.task == "classification":
-            aux["accuracy"] = accuracy(out, y)
-        return losses, aux
 
     # --- a meta-batch ------------------------------------------------------------------------------
     def task_losses(

@@ -45,9 +45,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from metakd_run.config import Classifier, MetaConfig, TestHead
-from metakd_run.data.tasks import MiniBatch, TaskBatch
-from metakd_run.meta.learner import MetaLearner
-from metakd_run.meta.losses import Params, Rates, accuracy, losses_per_task, piece_metrics
+from metakd_run.data.tasks import MiniBatch
+from metakd_run.meta.feedforward import FeedForward
+from metakd_run.meta.losses import Params, Rates, piece_metrics
 from metakd_run.meta.maml import Objective
 from metakd_run.meta.protonet import distance_logits, prototypes
 from metakd_run.meta.threads import call_model
@@ -116,15 +116,13 @@ def logreg_objective(weights: Tensor, feats: Tensor, onehot: Tensor, penalty: fl
     return ce + 0.5 * penalty * weights.pow(2).sum((-1, -2))
 
 
-class Pretrain(MetaLearner):
+class Pretrain(FeedForward):
     """An embedding pretrained as a classifier over every training class; a frozen-embedding head at test.
 
     ``task`` must be ``"classification"``; ``classes`` is the number of training classes (the
     split's); ``cfg`` is the ``meta`` group (``meta.pretrain`` and ``meta.outer_lr`` apply, the
     inner-loop settings do not).
     """
-
-    inner_loop = False
 
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig, classes: int = 0) -> None:
         if task != "classification":
@@ -183,24 +181,6 @@ class Pretrain(MetaLearner):
         return {k: float(v.detach().mean()) for k, v in piece_metrics(loss, aux).items()}
 
     # --- one task ------------------------------------------------------------------------------------
-    def query_loss(
-        self,
-        out: Tensor,
-        y: Tensor,
-        features: Mapping[str, Tensor] | None = None,  # noqa: ARG002 - the families' signature (CNP's)
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Cross-entropy on the labelled points (the first ``len(y)`` outputs): a task's queries, or a
-        mini-batch over the training classes."""
-        out = out[: y.shape[0]]
-        loss = F.cross_entropy(out, y)
-        return loss, {"task_loss": loss, "accuracy": accuracy(out, y)}
-
-    def query_losses(self, out: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`query_loss` of every task at once: ``out [T, B(+U), K]``, ``y [T, B]`` -> ``[T]``."""
-        out = out[:, : y.shape[1]]
-        losses = losses_per_task(self.task, out, y)
-        return losses, {"task_loss": losses, "accuracy": accuracy(out, y)}
-
     def adapt(
         self,
         params: Params,
@@ -236,7 +216,7 @@ class Pretrain(MetaLearner):
         return fit_logreg(F.normalize(emb, dim=-1, eps=NORM_EPS), y, ways, s.logreg_penalty, s.logreg_steps)
 
     # --- every task of a batch -----------------------------------------------------------------------
-    def logits(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def outputs(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The head's logits ``[T, Q, K]`` on every task's inputs ``qx`` and their features.
 
         Support and query inputs are embedded in separate passes (batch norm per pass, as ProtoNet
@@ -253,46 +233,6 @@ class Pretrain(MetaLearner):
             return distance_logits(queries, prototypes(support, sy, ways)), q_feats
         weights = self.fit(support, sy, ways)
         return F.normalize(queries, dim=-1, eps=NORM_EPS) @ weights.transpose(-1, -2), q_feats
-
-    def task_losses(
-        self,
-        batch: TaskBatch,
-        objective: Objective | None,
-        extra: Mapping[str, Tensor],
-        query_x: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-task losses ``[T]`` of the head on ``query_x`` (the head itself is not differentiated)."""
-        out, feats = self.logits(self.params(), batch.support_x, batch.support_y, query_x)
-        if objective is None:
-            return self.query_losses(out, batch.query_y)
-        return self.strategy.map(objective, out, feats, batch.query_y, dict(extra))
-
-    @torch.no_grad()
-    def adapted_outputs(
-        self,
-        sx: Tensor,
-        sy: Tensor,
-        qx: Tensor,
-        steps: int | None = None,  # noqa: ARG002 - no inner steps: fitting the head is the adaptation
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The head's logits and the features on ``qx`` given each task's support set: no graph."""
-        params, _ = self.frozen()
-        return self.strategy.chunked(functools.partial(self.logits, params), sx, sy, qx)
-
-    @torch.no_grad()
-    def adaptation_curve(
-        self, batch: TaskBatch, steps: int, at: Sequence[int] | None = None
-    ) -> dict[str, Tensor]:
-        """Query loss and accuracy per task, ``{metric: [len(at), T]}``: the same row at every step."""
-        at = sorted({s for s in (range(steps + 1) if at is None else at) if 0 <= s <= steps})
-        params, _ = self.frozen()
-
-        def curve(part: TaskBatch) -> dict[str, Tensor]:
-            out, _ = self.logits(params, part.support_x, part.support_y, part.query_x)
-            aux = self.query_losses(out, part.query_y)[1]
-            return {k: v.unsqueeze(1).expand(-1, len(at)).contiguous() for k, v in aux.items()}
-
-        return {k: v.transpose(0, 1) for k, v in self.strategy.chunked(curve, batch).items()}
 
 
 @functools.cache

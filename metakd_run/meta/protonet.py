@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from metakd_run.config import MetaConfig
-from metakd_run.data.tasks import TaskBatch
-from metakd_run.meta.learner import MetaLearner
-from metakd_run.meta.losses import Params, Rates, accuracy, losses_per_task, piece_metrics
-from metakd_run.meta.maml import Objective
+from metakd_run.meta.feedforward import FeedForward
+from metakd_run.meta.losses import Params, Rates
 from metakd_run.meta.threads import call_model
 
 log = logging.getLogger(__name__)
@@ -57,14 +53,12 @@ def distance_logits(queries: Tensor, protos: Tensor) -> Tensor:
     return -(queries.unsqueeze(-2) - protos.unsqueeze(-3)).pow(2).sum(-1)
 
 
-class ProtoNet(MetaLearner):
+class ProtoNet(FeedForward):
     """An embedding network scored by distances to class prototypes; MAML's interface, no inner loop.
 
     ``task`` must be ``"classification"``; ``cfg`` is the ``meta`` group (its batching, chunk and
     outer settings apply; the inner-loop settings, and ``kd.inner`` for a student, do not).
     """
-
-    inner_loop = False
 
     def __init__(self, model: nn.Module, task: str, cfg: MetaConfig) -> None:
         if task != "classification":
@@ -97,25 +91,8 @@ class ProtoNet(MetaLearner):
             )
         return {**params, weight: 2 * protos, bias: -protos.pow(2).sum(-1)}
 
-    def query_loss(
-        self,
-        out: Tensor,
-        y: Tensor,
-        features: Mapping[str, Tensor] | None = None,  # noqa: ARG002 - CNP's NLL reads its sigma
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Cross-entropy of ONE task on its labelled query points (the first ``len(y)`` outputs)."""
-        out = out[: y.shape[0]]
-        loss = F.cross_entropy(out, y)
-        return loss, {"task_loss": loss, "accuracy": accuracy(out, y)}
-
-    def query_losses(self, out: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`query_loss` of every task at once: ``out [T, B(+U), K]``, ``y [T, B]`` -> ``[T]``."""
-        out = out[:, : y.shape[1]]
-        losses = losses_per_task(self.task, out, y)
-        return losses, {"task_loss": losses, "accuracy": accuracy(out, y)}
-
     # --- every task of a batch ---------------------------------------------------------------------
-    def logits(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def outputs(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Distance logits ``[T, Q, K]`` of every task's inputs ``qx`` and their features.
 
         ``K`` is the model's output width (the data set's ways); support and query inputs are
@@ -127,75 +104,6 @@ class ProtoNet(MetaLearner):
         protos = prototypes(feats[self.tap].flatten(2), sy, out.shape[-1])
         _, q_feats = tasks.forward(p, qx)
         return distance_logits(q_feats[self.tap].flatten(2), protos), q_feats
-
-    def task_losses(
-        self,
-        batch: TaskBatch,
-        objective: Objective | None,
-        extra: Mapping[str, Tensor],
-        query_x: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-task outer losses ``[T]`` (and metrics): ``objective`` scores one task's distance logits
-        on ``query_x`` (default: :meth:`query_loss`), as :meth:`MAML.task_losses` does after adapting."""
-        out, feats = self.logits(self.params(), batch.support_x, batch.support_y, query_x)
-        if objective is None:
-            return self.query_losses(out, batch.query_y)
-        return self.strategy.map(objective, out, feats, batch.query_y, dict(extra))
-
-    def meta_backward(
-        self,
-        batch: TaskBatch,
-        objective: Objective | None = None,
-        extra: Mapping[str, Tensor] | None = None,
-        query_x: Tensor | None = None,
-        wrt: Sequence[Tensor] | None = None,
-    ) -> dict[str, float]:
-        """Accumulate the gradient of the mean outer loss into ``.grad``; return mean metrics.
-
-        With ``meta.chunk`` the tasks go through in pieces whose gradients add up to the same result;
-        ``wrt`` as in :meth:`MAML.meta_backward`.
-        """
-        total = batch.num_tasks
-
-        def piece(
-            part: TaskBatch, part_extra: dict[str, Tensor], part_qx: Tensor
-        ) -> tuple[Tensor, dict[str, Tensor]]:
-            losses, aux = self.task_losses(part, objective, part_extra, part_qx)
-            return losses.sum() / total, piece_metrics(losses, aux)
-
-        qx = batch.query_x if query_x is None else query_x
-        params = list(self.parameters()) if wrt is None else wrt
-        metrics = self.strategy.backward(piece, params, batch, dict(extra or {}), qx)
-        return {k: float(v.mean()) for k, v in metrics.items()}
-
-    @torch.no_grad()
-    def adapted_outputs(
-        self,
-        sx: Tensor,
-        sy: Tensor,
-        qx: Tensor,
-        steps: int | None = None,  # noqa: ARG002 - no inner steps: the prototypes are the adaptation
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Distance logits and features on ``qx`` given each task's support set: no graph."""
-        params, _ = self.frozen()
-        return self.strategy.chunked(functools.partial(self.logits, params), sx, sy, qx)
-
-    @torch.no_grad()
-    def adaptation_curve(
-        self, batch: TaskBatch, steps: int, at: Sequence[int] | None = None
-    ) -> dict[str, Tensor]:
-        """Query loss and accuracy per task, ``{metric: [len(at), T]}``: the same row at every step."""
-        at = sorted({s for s in (range(steps + 1) if at is None else at) if 0 <= s <= steps})
-        params, _ = self.frozen()
-
-        def curve(part: TaskBatch) -> dict[str, Tensor]:
-            out, _ = self.logits(params, part.support_x, part.support_y, part.query_x)
-            aux = self.query_losses(out, part.query_y)[1]
-            return {
-                k: v.unsqueeze(1).expand(-1, len(at)).contiguous() for k, v in aux.items()
-            }  # [T, len(at)]
-
-        return {k: v.transpose(0, 1) for k, v in self.strategy.chunked(curve, batch).items()}
 
 
 @functools.cache
