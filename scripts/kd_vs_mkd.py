@@ -71,11 +71,12 @@ def accuracy(run_dir: Path) -> dict[str, float]:
 
 
 def cpu_minutes(run_dir: Path, share: float) -> dict[str, float]:
-    """Each stage's training CPU-minutes (validation and meta-test left out)."""
+    """Each stage's training CPU-minutes (validation and meta-test left out) over all its iterations:
+    a stage resumed from a checkpoint timed only the iterations it ran, so its cost per iteration
+    stands for the whole stage."""
     timings = stage_timings(run_dir)
     return {
-        m: training_seconds_per_iteration(timings[m], share) * timings[m]["iterations_run"] / 60
-        for m in MODELS
+        m: training_seconds_per_iteration(timings[m], share) * timings[m]["iterations"] / 60 for m in MODELS
     }
 
 

@@ -62,9 +62,9 @@ def test_kd_arm_spends_the_mkd_arms_budget_on_the_same_tasks_and_a_rerun_continu
     def share(run: Path) -> float:
         return json.loads((run / "budget.json").read_text())["cpu_per_wall"]
 
-    def train_cpu(run: Path, stage: str) -> float:
+    def train_cpu(run: Path, stage: str) -> float:  # the stage's whole budget, resumed or not
         t = timings(run)[stage]
-        return share(run) * (t["seconds"] - t["validation_seconds"])
+        return share(run) * (t["seconds"] - t["validation_seconds"]) / t["iterations_run"] * t["iterations"]
 
     # the arms: the MKD arm is the meta-learned family at the preset's iterations, the KD arm pretrain
     for s in (0, 1):
@@ -109,3 +109,15 @@ def test_a_pretrain_mkd_arm_is_refused_in_one_line(tmp_path):
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0
     assert "--mkd-family=pretrain is invalid" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_resumed_stage_counts_its_whole_budget(tmp_path, monkeypatch):
+    """A stage resumed from a checkpoint timed only the iterations it ran after resuming: its budget
+    is its cost per iteration times all its iterations, not the seconds of the resumed part."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import kd_vs_mkd
+
+    stage = {"seconds": 130.0, "validation_seconds": 10.0, "iterations": 600, "iterations_run": 120}
+    (tmp_path / "timings.json").write_text(json.dumps({m: stage for m in kd_vs_mkd.MODELS}))
+    minutes = kd_vs_mkd.cpu_minutes(tmp_path, share=0.5)
+    assert minutes == {m: 0.5 * 120.0 / 120 * 600 / 60 for m in kd_vs_mkd.MODELS}
