@@ -127,6 +127,26 @@ def test_a_real_sweep_goes_into_the_ledger(tmp_path):
     assert len(rows) == 1  # one setting, over its two seeds
 
 
+@pytest.mark.slow
+def test_a_study_of_families_goes_into_the_ledger_one_row_per_cell(tmp_path):
+    """The families study (part 15) through the ledger (part 13): two cells, two seeds, the study's
+    own sweep folder; each cell is one row over its two seeds, the CNP cell with the CNP's sizes."""
+    cells = "study.cell=maml_maml_outer,cnp_cnp_outer"
+    tiny = ["train.iterations=4", "train.val_every=2", "train.val_tasks=2", "eval.tasks=6", "eval.steps=1",
+            "eval.report_steps=[0,1]", "threads=1", "train.progress=false"]  # fmt: skip
+    args = [*metakd_run_exe(), "study=families", cells, "seed=0,1", *tiny]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (sweep,) = (tmp_path / "outputs" / "studies" / "sinusoid" / "families").iterdir()
+    s = study(tmp_path)
+    assert len(ledger.add(s, [sweep])) == 4
+    rows = {line.split(" | ")[0]: line for line in ledger.render_study(s) if line.startswith("| study.cell=")}
+    assert set(rows) == {"| study.cell=maml_maml_outer", "| study.cell=cnp_cnp_outer"}
+    assert all("| 0, 1 |" in row for row in rows.values())
+    assert "| 1,761 / 141 / 141 |" in rows["| study.cell=maml_maml_outer"]  # MLP 40-40 into 10-10
+    assert "| 1,761 / 141 / 141 |" not in rows["| study.cell=cnp_cnp_outer"]  # an encoder and a decoder
+
+
 def test_the_docs_tables_equal_the_ledger():
     """The published tables (docs/results.md) are exactly what the ledger renders."""
     docs = ROOT / "docs" / "results.md"
