@@ -49,5 +49,7 @@ def stage_timings(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def training_seconds_per_iteration(stage: dict[str, Any], cpu_per_wall: float) -> float:
-    """CPU seconds of one training iteration of a stage (validation left out)."""
-    return cpu_per_wall * (stage["seconds"] - stage["validation_seconds"]) / max(1, stage["iterations_run"])
+    """CPU seconds of one training iteration of a stage (validation left out). A resumed stage's
+    seconds carry on from its checkpoint (training.py keeps the elapsed time there), so they are
+    the whole stage's: divided by all its iterations, not by those of the last sitting."""
+    return cpu_per_wall * (stage["seconds"] - stage["validation_seconds"]) / max(1, stage["iterations"])

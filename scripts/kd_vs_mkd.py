@@ -71,9 +71,7 @@ def accuracy(run_dir: Path) -> dict[str, float]:
 
 
 def cpu_minutes(run_dir: Path, share: float) -> dict[str, float]:
-    """Each stage's training CPU-minutes (validation and meta-test left out) over all its iterations:
-    a stage resumed from a checkpoint timed only the iterations it ran, so its cost per iteration
-    stands for the whole stage."""
+    """Each stage's training CPU-minutes (validation and meta-test left out), resumed or not."""
     timings = stage_timings(run_dir)
     return {
         m: training_seconds_per_iteration(timings[m], share) * timings[m]["iterations"] / 60 for m in MODELS

@@ -62,9 +62,9 @@ def test_kd_arm_spends_the_mkd_arms_budget_on_the_same_tasks_and_a_rerun_continu
     def share(run: Path) -> float:
         return json.loads((run / "budget.json").read_text())["cpu_per_wall"]
 
-    def train_cpu(run: Path, stage: str) -> float:  # the stage's whole budget, resumed or not
+    def train_cpu(run: Path, stage: str) -> float:  # a stage's seconds are its whole, resumed or not
         t = timings(run)[stage]
-        return share(run) * (t["seconds"] - t["validation_seconds"]) / t["iterations_run"] * t["iterations"]
+        return share(run) * (t["seconds"] - t["validation_seconds"])
 
     # the arms: the MKD arm is the meta-learned family at the preset's iterations, the KD arm pretrain
     for s in (0, 1):
@@ -79,7 +79,7 @@ def test_kd_arm_spends_the_mkd_arms_budget_on_the_same_tasks_and_a_rerun_continu
     for stage, key in (("teacher", "teacher"), ("student_kd", "students")):
         budget = sum(train_cpu(base / "mkd" / f"seed{s}", stage) for s in (0, 1)) / 2 / 60
         assert math.isclose(record["budget_cpu_minutes"][stage], budget, rel_tol=1e-9)
-        per_it = train_cpu(calib, stage) / timings(calib)[stage]["iterations_run"]
+        per_it = train_cpu(calib, stage) / timings(calib)[stage]["iterations"]
         assert record["kd_iterations"][key] == max(2, round(budget * 60 / per_it))
     # both arms scored the same test tasks: the same count, and the same eval stream
     for s in (0, 1):
@@ -112,12 +112,13 @@ def test_a_pretrain_mkd_arm_is_refused_in_one_line(tmp_path):
 
 
 def test_a_resumed_stage_counts_its_whole_budget(tmp_path, monkeypatch):
-    """A stage resumed from a checkpoint timed only the iterations it ran after resuming: its budget
-    is its cost per iteration times all its iterations, not the seconds of the resumed part."""
+    """A stage resumed from a checkpoint ran 120 of its 600 iterations in the last sitting, but its
+    seconds carry on from the checkpoint's (training.py): they are the whole stage's budget, not a
+    fifth of it, and not five times it."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import kd_vs_mkd
 
     stage = {"seconds": 130.0, "validation_seconds": 10.0, "iterations": 600, "iterations_run": 120}
     (tmp_path / "timings.json").write_text(json.dumps({m: stage for m in kd_vs_mkd.MODELS}))
     minutes = kd_vs_mkd.cpu_minutes(tmp_path, share=0.5)
-    assert minutes == {m: 0.5 * 120.0 / 120 * 600 / 60 for m in kd_vs_mkd.MODELS}
+    assert minutes == {m: 0.5 * 120.0 / 60 for m in kd_vs_mkd.MODELS}

@@ -147,6 +147,20 @@ def test_a_study_of_families_goes_into_the_ledger_one_row_per_cell(tmp_path):
     assert "| 1,761 / 141 / 141 |" not in rows["| study.cell=cnp_cnp_outer"]  # an encoder and a decoder
 
 
+def test_a_resumed_stage_counts_its_whole_cpu_time(tmp_path):
+    """A stage resumed at iteration 450 of 600 ran 150 iterations, but its ``seconds`` carry on from
+    the checkpoint's (training.py keeps the elapsed time in it): the table takes them as they are,
+    not scaled by the iterations run."""
+    s = study(tmp_path)
+    run = fake_run(tmp_path / "r0", 0, SEEDS[0], ["kd.weight=1"])
+    timings = json.loads((run / "timings.json").read_text())
+    timings["student_kd"] = {"seconds": 360.0, "iterations": 600, "iterations_run": 150}
+    (run / "timings.json").write_text(json.dumps(timings))
+    ledger.add(s, [run])
+    (row,) = [line for line in ledger.render_study(s) if line.startswith("| kd.weight=1")]
+    assert row.rstrip(" |").endswith("| 3 / 6 / 1")  # 360 s: the whole stage's 6 minutes
+
+
 def test_the_docs_tables_equal_the_ledger():
     """The published tables (docs/results.md) are exactly what the ledger renders."""
     docs = ROOT / "docs" / "results.md"
