@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -31,6 +32,14 @@ TINY = [
     "eval.batch=5",
     "threads=1",
 ]
+
+
+# A suite started as a background job of a script (``cmd &`` without job control) inherits SIGINT
+# ignored, and so would every console script it starts: Python raises no KeyboardInterrupt then,
+# and the Ctrl-C tests would fail for the launcher's sake. They send SIGINT themselves, so the
+# default comes back before anything is started (a handler, unlike "ignored", ends at exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
