@@ -11,7 +11,7 @@ this class writes the rest once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -25,10 +25,9 @@ class FeedForward(MetaLearner):
     """A meta-learner whose adaptation is a forward pass over the support set: no inner loop."""
 
     inner_loop = False
-
-    def outputs(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Every task's outputs ``[T, Q, ...]`` on ``qx`` given its support set, and the features."""
-        raise NotImplementedError
+    # Each family defines it: every task's outputs ``[T, Q, ...]`` on ``qx`` given its support set
+    # (``params, sx, sy, qx``), and the features.
+    outputs: Callable[[Params, Tensor, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 
     # --- every task of a batch -----------------------------------------------------------------------
     def task_losses(
