@@ -195,14 +195,39 @@ class Setting:
         return entry.get("parameters")
 
     def cpu_minutes(self, model: str) -> float | None:
-        """Mean over seeds of the stage's training wall time x its threads (the teacher's too when
-        it was loaded from the cache: its checkpoint keeps the time it cost)."""
-        times = []
-        for r in self.records:
-            stage = r.get("timings", {}).get(model)
-            if isinstance(stage, dict) and "seconds" in stage:
-                times.append(stage["seconds"] * r["machine"]["threads"] / 60.0)
+        """Mean over seeds of the stage's training CPU time (the teacher's too when it was loaded
+        from the cache: its checkpoint keeps what it cost)."""
+        times = [m for r in self.records if (m := stage_cpu_minutes(r, model)) is not None]
         return sum(times) / len(times) if times else None
+
+
+def stage_cpu_minutes(record: dict[str, Any], model: str) -> float | None:
+    """A stage's CPU minutes: the process CPU time the training loop measured, or, for a stage
+    trained before it measured that (or resumed from such a checkpoint), its wall time x threads,
+    which counts the other jobs' share of the cores on a shared machine."""
+    stage = record.get("timings", {}).get(model)
+    if not isinstance(stage, dict) or "seconds" not in stage:
+        return None
+    if stage.get("cpu_seconds") is not None:
+        return stage["cpu_seconds"] / 60.0
+    return stage["seconds"] * record["machine"]["threads"] / 60.0
+
+
+def cpu_basis(records: list[dict[str, Any]]) -> str:
+    """What a table's CPU minutes are: measured, estimated from wall time, or some of each."""
+    stages = [
+        stage
+        for r in records
+        for m in MODELS
+        if isinstance(stage := r.get("timings", {}).get(m), dict) and "seconds" in stage
+    ]
+    measured = sum(1 for stage in stages if stage.get("cpu_seconds") is not None)
+    if measured == len(stages):
+        return "as the process CPU time the training loop measured"
+    estimate = "wall time x threads (which on a shared machine also counts the other jobs' share)"
+    if measured == 0:
+        return f"estimated as {estimate}: these runs predate the loop's CPU clock"
+    return f"measured process CPU time where the run kept it, else {estimate}"
 
 
 def setting_name(overrides: list[str]) -> str:
@@ -302,7 +327,8 @@ def render_study(study: Path) -> list[str]:
     lines += [
         f"Split: **{info['split']}**; {metric} after {step} inner steps on "
         f"{len(records[0]['per_task']['student_kd'][f'step_{step}'])} tasks per seed; mean ± Student-t 95% "
-        "interval over seeds; the difference is paired seed by seed.",
+        "interval over seeds; the difference is paired seed by seed. CPU min: each stage's training "
+        f"time, mean over seeds, {cpu_basis(records)}.",
         "",
     ]
     shared = sorted({o for s in settings for o in s.name.split()} - {o for o in _all(settings, shown)})

@@ -176,6 +176,11 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
     scheduler = outer_scheduler(optimizer, spec)
     generator = torch.Generator().manual_seed(spec.task_seed)
     start, best, best_state, elapsed, val_elapsed = 0, None, None, 0.0, 0.0
+    # Process CPU seconds (every thread of this process), beside the wall seconds: the cost of a
+    # stage on a shared machine, where wall time also counts the other jobs' share of the cores.
+    # None once a resume meets a checkpoint written before they were kept: the total is unknown.
+    cpu: float | None = 0.0
+    val_cpu: float | None = 0.0
     history: list[dict[str, float]] = []
     resume_file = last_path(spec)
     if resume_file.exists():
@@ -189,6 +194,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         start, best, best_state = state["iteration"], state["best"], state["best_state"]
         elapsed, history = state["elapsed"], state["history"]
         val_elapsed = state.get("val_elapsed", 0.0)
+        cpu, val_cpu = state.get("cpu_elapsed"), state.get("val_cpu_elapsed")
         log.info("%s: resumed from %s at iteration %d", spec.name, resume_file, start)
 
     def save_last(iteration: int) -> Path:
@@ -203,6 +209,8 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
                 "best_state": best_state,
                 "elapsed": elapsed,
                 "val_elapsed": val_elapsed,
+                "cpu_elapsed": cpu,
+                "val_cpu_elapsed": val_cpu,
                 "history": history,
                 "rng": {"tasks": generator.get_state(), **_global_rng()},
                 "fingerprint": spec.fingerprint,
@@ -218,7 +226,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         dynamic_ncols=True,
         leave=True,
     )
-    tic = time.perf_counter()
+    tic, cpu_tic = time.perf_counter(), time.process_time()
     metric_name = "metric"
     for it in range(start, spec.iterations):
         batch = spec.sample_tasks(it, generator).to(spec.device, spec.dtype)
@@ -249,11 +257,12 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         bar.update(1)
         if done % spec.train.val_every == 0 or done == spec.iterations:
-            val_tic = time.perf_counter()
+            val_tic, val_cpu_tic = time.perf_counter(), time.process_time()
             metric_name, value, higher = validation_metric(
                 spec.learner, spec.val_tasks, spec.device, spec.dtype
             )
             val_elapsed += time.perf_counter() - val_tic
+            val_cpu = None if val_cpu is None else val_cpu + time.process_time() - val_cpu_tic
             history.append({"iteration": done, metric_name: value})
             if spec.is_main:
                 tracker.scalars(f"{spec.name}/val", {metric_name: value}, done)
@@ -262,7 +271,8 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         stopping = stop.signum is not None
         if spec.is_main and (done % spec.train.checkpoint_every == 0 or stopping) and done < spec.iterations:
             elapsed += time.perf_counter() - tic
-            tic = time.perf_counter()
+            cpu = None if cpu is None else cpu + time.process_time() - cpu_tic
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             path = save_last(done)
             if stopping:
                 bar.close()
@@ -273,6 +283,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
                 )
     bar.close()
     elapsed += time.perf_counter() - tic
+    cpu = None if cpu is None else cpu + time.process_time() - cpu_tic
     spec.learner.begin_iteration(spec.iterations, spec.iterations)  # the schedules' final state
     if best_state is not None:
         spec.module.load_state_dict(best_state)
@@ -284,6 +295,8 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         "history": history,
         "seconds": elapsed,
         "validation_seconds": val_elapsed,
+        "cpu_seconds": cpu,
+        "validation_cpu_seconds": val_cpu,
         "iterations": spec.iterations,
         # meta-training throughput: tasks per second of training proper, validation left out
         "tasks_per_second": (spec.meta.meta_batch * spec.iterations / train_seconds)

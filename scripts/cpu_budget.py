@@ -2,10 +2,10 @@
 
 ``time_to_accuracy.py`` and ``kd_vs_mkd.py`` compare runs by CPU-minutes, not by iterations: a
 pretrain step (one mini-batch) and a meta-step (a meta-batch of episodes) cost very different
-amounts. The CPU time of a child is exact (getrusage, user + system); the training loop times its
-stages in wall seconds, so a stage's CPU seconds are its wall seconds times the whole run's
-CPU/wall ratio (an estimate that assumes the contention was even over the run; with ``threads=1``
-on an idle core the ratio is 1).
+amounts. The CPU time of a child is exact (getrusage, user + system), and the training loop
+measures each stage's process CPU seconds (``cpu_seconds`` in ``timings.json``). A stage trained
+before the loop measured them has only wall seconds: its CPU seconds are then estimated as its wall
+seconds times the whole run's CPU/wall ratio (which assumes the contention was even over the run).
 """
 
 from __future__ import annotations
@@ -48,8 +48,16 @@ def stage_timings(run_dir: Path) -> dict[str, dict[str, Any]]:
     return json.loads((run_dir / "timings.json").read_text())
 
 
+def training_cpu_seconds(stage: dict[str, Any], cpu_per_wall: float) -> float:
+    """CPU seconds of a stage's training, validation left out: measured where the stage kept them,
+    else its wall seconds x ``cpu_per_wall``. A resumed stage's seconds carry on from its
+    checkpoint (training.py keeps both clocks there), so they are the whole stage's."""
+    if stage.get("cpu_seconds") is not None and stage.get("validation_cpu_seconds") is not None:
+        return stage["cpu_seconds"] - stage["validation_cpu_seconds"]
+    return cpu_per_wall * (stage["seconds"] - stage["validation_seconds"])
+
+
 def training_seconds_per_iteration(stage: dict[str, Any], cpu_per_wall: float) -> float:
-    """CPU seconds of one training iteration of a stage (validation left out). A resumed stage's
-    seconds carry on from its checkpoint (training.py keeps the elapsed time there), so they are
-    the whole stage's: divided by all its iterations, not by those of the last sitting."""
-    return cpu_per_wall * (stage["seconds"] - stage["validation_seconds"]) / max(1, stage["iterations"])
+    """CPU seconds of one training iteration of a stage: the whole stage's (over every sitting)
+    divided by all its iterations, not by those of the last sitting."""
+    return training_cpu_seconds(stage, cpu_per_wall) / max(1, stage["iterations"])

@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cpu_budget import run  # scripts/cpu_budget.py: the child run and its CPU time
+from cpu_budget import run, training_cpu_seconds  # scripts/cpu_budget.py: the child run and its CPU time
 
 
 def stage_result(run_dir: Path) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def main() -> None:
     calib_cpu, calib_wall = run([*base, *short, "eval.tasks=2", "eval.batch=2"], calib)
     result = stage_result(calib)
     share = min(1.0, calib_cpu / calib_wall)  # of a core (per thread) that the process had
-    per_iteration = share * (result["seconds"] - result["validation_seconds"]) / result["iterations_run"]
+    per_iteration = training_cpu_seconds(result, share) / result["iterations_run"]
     iterations = max(args.points, int(args.minutes * 60 * args.train_share / per_iteration))
     every = max(1, iterations // args.points)
     main_dir = out / "run"

@@ -57,6 +57,8 @@ def test_run_folder_holds_config_summary_checkpoints_plots(tiny_run):
     for name in STAGES:  # throughput counts training only: validation time is reported apart
         t = timings[name]
         assert 0 < t["validation_seconds"] < t["seconds"] and t["iterations"] == 12
+        # and the process CPU time, which the ledger counts (wall time counts other jobs' share too)
+        assert 0 < t["validation_cpu_seconds"] < t["cpu_seconds"] < 4 * t["seconds"]
         assert t["tasks_per_second"] > 4 * 12 / t["seconds"]
     assert set(timings["meta_test_seconds"]) == set(STAGES)
     # the table at the end names each model with mean ± CI per step

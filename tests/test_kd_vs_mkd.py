@@ -59,12 +59,9 @@ def test_kd_arm_spends_the_mkd_arms_budget_on_the_same_tasks_and_a_rerun_continu
     def timings(run: Path) -> dict:
         return json.loads((run / "timings.json").read_text())
 
-    def share(run: Path) -> float:
-        return json.loads((run / "budget.json").read_text())["cpu_per_wall"]
-
-    def train_cpu(run: Path, stage: str) -> float:  # a stage's seconds are its whole, resumed or not
+    def train_cpu(run: Path, stage: str) -> float:  # the stage's measured process CPU time
         t = timings(run)[stage]
-        return share(run) * (t["seconds"] - t["validation_seconds"])
+        return t["cpu_seconds"] - t["validation_cpu_seconds"]
 
     # the arms: the MKD arm is the meta-learned family at the preset's iterations, the KD arm pretrain
     for s in (0, 1):
@@ -122,3 +119,15 @@ def test_a_resumed_stage_counts_its_whole_budget(tmp_path, monkeypatch):
     (tmp_path / "timings.json").write_text(json.dumps({m: stage for m in kd_vs_mkd.MODELS}))
     minutes = kd_vs_mkd.cpu_minutes(tmp_path, share=0.5)
     assert minutes == {m: 0.5 * 120.0 / 60 for m in kd_vs_mkd.MODELS}
+
+
+def test_a_stage_measured_in_cpu_seconds_is_not_estimated_from_its_wall_time(tmp_path, monkeypatch):
+    """Where the training loop kept the stage's process CPU time, the budget is that time (less
+    validation's), whatever the run's CPU/wall share was."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import kd_vs_mkd
+
+    stage = {"seconds": 130.0, "validation_seconds": 10.0, "cpu_seconds": 100.0,
+             "validation_cpu_seconds": 4.0, "iterations": 600}  # fmt: skip
+    (tmp_path / "timings.json").write_text(json.dumps({m: stage for m in kd_vs_mkd.MODELS}))
+    assert kd_vs_mkd.cpu_minutes(tmp_path, share=0.5) == {m: 96.0 / 60 for m in kd_vs_mkd.MODELS}

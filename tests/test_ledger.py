@@ -161,6 +161,25 @@ def test_a_resumed_stage_counts_its_whole_cpu_time(tmp_path):
     assert row.rstrip(" |").endswith("| 3 / 6 / 1")  # 360 s: the whole stage's 6 minutes
 
 
+def test_cpu_minutes_are_the_measured_process_time_where_a_stage_kept_it(tmp_path):
+    """A stage that ran 360 wall seconds beside other jobs but used 120 CPU seconds costs 2 CPU
+    minutes; a stage trained before the loop measured CPU time (``cpu_seconds`` absent or null, as
+    after a resume from such a checkpoint) falls back to wall seconds x threads."""
+    s = study(tmp_path)
+    run = fake_run(tmp_path / "r0", 0, SEEDS[0], ["kd.weight=1"])
+    timings = json.loads((run / "timings.json").read_text())
+    timings["student_kd"] = {"seconds": 360.0, "cpu_seconds": 120.0, "iterations": 600}
+    timings["student_base"] = {"seconds": 240.0, "cpu_seconds": None, "iterations": 600}
+    (run / "timings.json").write_text(json.dumps(timings))
+    ledger.add(s, [run])
+    (row,) = [line for line in ledger.render_study(s) if line.startswith("| kd.weight=1")]
+    assert row.rstrip(" |").endswith("| 3 / 2 / 4")
+    # and the table says that its CPU minutes are some measured, some estimated
+    assert "measured process CPU time where the run kept it, else wall time x threads" in "\n".join(
+        ledger.render_study(s)
+    )
+
+
 def test_the_docs_tables_equal_the_ledger():
     """The published tables (docs/results.md) are exactly what the ledger renders."""
     docs = ROOT / "docs" / "results.md"

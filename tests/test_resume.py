@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -61,10 +62,15 @@ def test_sigkill_mid_stage_then_resume_ends_with_the_same_summary(run_cli, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (run_dir / "summary.json").exists()
+    checkpoint = torch.load(run_dir / "checkpoints" / "student_kd_last.pt", weights_only=False)
+    assert 0 < checkpoint["cpu_elapsed"] <= checkpoint["elapsed"] * 4
 
     resumed = run_cli(f"train.resume={run_dir}", tiny=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (run_dir / "summary.json").read_text() == (tmp_path / "alone" / "summary.json").read_text()
+    # the stage's clocks carry on from the checkpoint: its CPU time is the whole stage's
+    stage = json.loads((run_dir / "timings.json").read_text())["student_kd"]
+    assert stage["cpu_seconds"] > checkpoint["cpu_elapsed"] and stage["seconds"] > checkpoint["elapsed"]
     assert not list(tmp_path.glob("outputs/**/.hydra"))  # the resume made no second run folder
 
 
