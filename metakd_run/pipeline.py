@@ -12,11 +12,14 @@ load them anyway (reported in the summary). A lock keeps two processes out of on
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from metakd_run.meta.learner import MetaLearner
 from metakd_run.presentation.files import write_run
 from metakd_run.seeding import derive_seed
 from metakd_run.tracking import Tracker
-from metakd_run.training import StageSpec, StopFlag, final_path, run_stage
+from metakd_run.training import Interrupted, StageSpec, StopFlag, final_path, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class SettingsMismatch(CheckpointError):
 
 
 LOCK_FILE = "run.lock"
+CACHE_POLL_SECONDS = 2.0  # how often a job waiting for a cached teacher looks again
 SAVED_HYDRA = "hydra"  # checkpoints/hydra/: the .hydra/ files of the run that trained the checkpoints
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -377,14 +381,60 @@ class Experiment:
         if path.exists():
             self.reuse[name] = "loaded: finished earlier in this run folder"
             return self.load_finished(path, trainee.module, f"checkpoint {path}")
-        if cached is not None and cached.exists():
-            self.reuse[name] = f"loaded: train.teacher_cache file {cached}"
-            result = self.load_finished(cached, trainee.module, f"train.teacher_cache file {cached}")
-            if self.dist.is_main:  # the run folder stays complete (metakd_run.load reads it)
-                state = load_checkpoint(cached)
-                state.setdefault("fingerprint", fingerprint.record(self.fingerprints[name]))
-                save_atomic(state, path)
-            return result
+        if cached is None:
+            return self.train(name, trainee, stop, cached)
+        if cached.exists():
+            return self.load_cached(name, trainee, cached)
+        # Another job of this study may be training the same teacher (a parallel sweep's cells of
+        # one seed): wait for it and load its file rather than train the same model twice.
+        with self.cache_turn(cached, stop):
+            if cached.exists():
+                return self.load_cached(name, trainee, cached)
+            return self.train(name, trainee, stop, cached)
+
+    def load_cached(self, name: str, trainee: Trainee, cached: Path) -> dict[str, Any]:
+        """The teacher from ``train.teacher_cache``, copied into this run folder."""
+        self.reuse[name] = f"loaded: train.teacher_cache file {cached}"
+        result = self.load_finished(cached, trainee.module, f"train.teacher_cache file {cached}")
+        if self.dist.is_main:  # the run folder stays complete (metakd_run.load reads it)
+            state = load_checkpoint(cached)
+            state.setdefault("fingerprint", fingerprint.record(self.fingerprints[name]))
+            save_atomic(state, final_path(self.ckpt_dir, name))
+        return result
+
+    @contextlib.contextmanager
+    def cache_turn(self, cached: Path, stop: StopFlag) -> Iterator[None]:
+        """Hold ``<cache file>.lock`` while this job trains a cached teacher, so that a second job
+        of the same seed waits for the file instead of training it too. ``flock``: the kernel lets
+        go when the holder ends, however it ends. Waiting polls, so Ctrl-C still stops the job.
+        Under torchrun every rank trains together and no lock is taken."""
+        if self.dist.active:
+            yield
+            return
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with open(cached.parent / f"{cached.name}.lock", "a+") as handle:
+            told = False
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if stop.signum is not None:
+                        raise Interrupted(
+                            f"stopped by signal {stop.signum} while waiting for {cached}", stop.signum
+                        ) from None
+                    if not told:
+                        log.info("teacher: another job is training %s; waiting for it", cached)
+                        told = True
+                    time.sleep(CACHE_POLL_SECONDS)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def train(self, name: str, trainee: Trainee, stop: StopFlag, cached: Path | None) -> dict[str, Any]:
+        """Meta-train the stage (resuming its last checkpoint), save it, and fill the cache."""
+        path = final_path(self.ckpt_dir, name)
         if name not in self.cfg.train.stages:
             raise CheckpointError(f"train.stages leaves out '{name}' but no checkpoint of it exists")
         resumed = (self.ckpt_dir / f"{name}_last.pt").exists()

@@ -1,0 +1,95 @@
+"""``train.teacher_cache`` under parallel jobs: one job trains a seed's teacher, the others of that
+seed wait for its file and load it (a lock file beside the cached teacher)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, metakd_run_exe
+
+pytestmark = pytest.mark.slow
+
+
+def popen(overrides: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        args = [*metakd_run_exe(), *TINY, *overrides]
+        return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for_text(log: Path, text: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"no '{text}' in {log}"
+        time.sleep(0.1)
+
+
+def second(cached: Path, tmp_path: Path) -> list[str]:
+    return [f"train.teacher_cache={cached.parent}", f"hydra.run.dir={tmp_path / 'second'}"]
+
+
+@pytest.fixture
+def cached_teacher(run_cli, tmp_path: Path) -> tuple[Path, Path]:
+    """A cache holding one tiny teacher, and that teacher moved aside (the cache is empty again)."""
+    cache = tmp_path / "cache"
+    first = run_cli("train.stages=[teacher]", f"train.teacher_cache={cache}", run_dir=tmp_path / "first")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (cached,) = cache.glob("*.pt")
+    aside = tmp_path / "aside.pt"
+    cached.rename(aside)
+    return cached, aside
+
+
+def test_a_job_waits_for_the_teacher_another_job_is_training_and_loads_it(tmp_path, cached_teacher):
+    cached, aside = cached_teacher
+    with open(cached.parent / f"{cached.name}.lock", "a+") as lock:  # "another job" trains it
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        log = tmp_path / "second.log"
+        proc = popen(second(cached, tmp_path), tmp_path, log)
+        wait_for_text(log, "another job is training", proc)
+        time.sleep(1.0)
+        assert proc.poll() is None and not (tmp_path / "second" / "checkpoints" / "teacher.pt").exists()
+        aside.rename(cached)  # the other job's teacher is done
+    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+    timings = json.loads((tmp_path / "second" / "timings.json").read_text())
+    assert timings["obtained"]["teacher"] == f"loaded: train.teacher_cache file {cached}"
+    assert timings["obtained"]["student_kd"] == "trained"
+
+
+def test_ctrl_c_while_waiting_for_a_cached_teacher_is_one_line_and_exit_130(tmp_path, cached_teacher):
+    cached, _ = cached_teacher
+    with open(cached.parent / f"{cached.name}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        log = tmp_path / "second.log"
+        proc = popen(second(cached, tmp_path), tmp_path, log)
+        wait_for_text(log, "another job is training", proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text and f"while waiting for {cached}" in text
+    assert not (tmp_path / "second" / "summary.json").exists() and not cached.exists()
+
+
+def test_two_parallel_jobs_of_one_seed_train_its_teacher_once(tmp_path):
+    """A parallel sweep's two cells of seed 0 share one teacher: one trains it, the other waits."""
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    proc = subprocess.run(
+        [*metakd_run_exe(), "-m", *TINY, "train.iterations=60", "kd.weight=0.5,2",
+         f"train.teacher_cache={cache}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    timings = [json.loads((sweep / j / "timings.json").read_text()) for j in ("0", "1")]
+    obtained = [t["obtained"]["teacher"] for t in timings]
+    assert sorted(o.split(":")[0] for o in obtained) == ["loaded", "trained"], obtained
+    assert len(list(cache.glob("*.pt"))) == 1
