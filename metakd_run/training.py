@@ -288,6 +288,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
     if best_state is not None:
         spec.module.load_state_dict(best_state)
     done_iters = spec.iterations - start
+    unit, per_iteration = spec.learner.throughput_unit()
     train_seconds = elapsed - val_elapsed
     return {
         "best_val": best,
@@ -298,10 +299,8 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         "cpu_seconds": cpu,
         "validation_cpu_seconds": val_cpu,
         "iterations": spec.iterations,
-        # meta-training throughput: tasks per second of training proper, validation left out
-        "tasks_per_second": (spec.meta.meta_batch * spec.iterations / train_seconds)
-        if train_seconds > 0
-        else 0.0,
+        # training throughput (tasks, or a pretrain stage's images, per second), validation left out
+        f"{unit}_per_second": per_iteration * spec.iterations / train_seconds if train_seconds > 0 else 0.0,
         "resumed_at": start,
         "iterations_run": done_iters,
     }

@@ -84,7 +84,7 @@ def main() -> int:
         rows.append(
             {
                 "stage": stage,
-                "tasks_per_second": t["tasks_per_second"],
+                "rate": t.get("tasks_per_second", t.get("images_per_second", 0.0)),  # pretrain: images
                 "seconds_per_iteration": per_it,
                 "seconds_per_validation": t["validation_seconds"],
                 "iterations": its,
@@ -104,11 +104,11 @@ def main() -> int:
         "projected_wall_seconds": projected,
     }
     print(f"{' '.join(overrides)}: probe of {args.probe} iterations per stage, {wall:.0f} s")
-    print("| stage | tasks/s | s/iteration | s/validation | iterations | projected s |")
+    print("| stage | tasks/s (pretrain: images/s) | s/iteration | s/validation | iterations | projected s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['stage']} | {r['tasks_per_second']:.1f} | {r['seconds_per_iteration']:.3f} | "
+            f"| {r['stage']} | {r['rate']:.1f} | {r['seconds_per_iteration']:.3f} | "
             f"{r['seconds_per_validation']:.1f} | {r['iterations']} | {r['projected_seconds']:.0f} |"
         )
     tests = ", ".join(f"{k} {v:.0f} s" for k, v in test_seconds.items())

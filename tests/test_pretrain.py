@@ -270,10 +270,12 @@ def test_interrupted_pretrain_stage_resumes_to_the_uninterrupted_weights(images,
                            tmp_path / "cut", stop, checkpoint_every=5)  # fmt: skip
         stop.signum = None  # handled: the flag's exit would report it again
     fresh = built(images, pretrain_meta(batch=8), seed=5)  # other weights: all must come from the checkpoint
-    pretrain_stage("teacher", fresh, fresh, fresh.meta_backward, images.train, images.val[:2], 20,
-                   tmp_path / "cut", checkpoint_every=5)  # fmt: skip
+    result = pretrain_stage("teacher", fresh, fresh, fresh.meta_backward, images.train, images.val[:2], 20,
+                            tmp_path / "cut", checkpoint_every=5)  # fmt: skip
     for key, value in alone.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    # an iteration is a mini-batch of 8 images, not a meta-batch of tasks: the throughput says so
+    assert "tasks_per_second" not in result and result["images_per_second"] > 0
 
 
 # --- fingerprints -------------------------------------------------------------------------------------

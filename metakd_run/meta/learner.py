@@ -37,6 +37,11 @@ class MetaLearner(nn.Module):
         # depend on it (MAML++'s) read it; outside training it is 1, the schedules' final state
         self.progress = 1.0
 
+    def throughput_unit(self) -> tuple[str, int]:
+        """What one training iteration processes, for the stage's throughput: ``meta_batch`` tasks
+        here; the pretrain family's iterations are mini-batches of images instead."""
+        return "tasks", self.cfg.meta_batch
+
     def query_loss(
         self,
         out: Tensor,

@@ -146,6 +146,9 @@ class Pretrain(FeedForward):
         _say_steps_do_not_apply()
 
     # --- training: mini-batches over every training class -----------------------------------------
+    def throughput_unit(self) -> tuple[str, int]:
+        return "images", self.settings.batch
+
     def batches(self, source: Any, generator: torch.Generator) -> MiniBatch:
         """One training mini-batch from the training split's ``source`` (an episode sampler)."""
         return source.sample_images(self.settings.batch, generator)
