@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from metakd_run.config import ConfigError
-from metakd_run.data.tasks import TaskBatch
+from metakd_run.data.tasks import MiniBatch, TaskBatch
 from metakd_run.seeding import derive_seed
 
 Step = Callable[[TaskBatch], dict[str, float]]
@@ -155,10 +155,11 @@ class DistContext:
         return averaged
 
 
-def setup(device: torch.device, meta_batch: int, task_shards: int) -> DistContext:
+def setup(device: torch.device, meta_batch: int, task_shards: int, minibatch: int = 0) -> DistContext:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPU); check the split.
 
-    Raises ConfigError when the meta-batch cannot be split evenly, before any training.
+    Raises ConfigError when the meta-batch (or ``minibatch``, the pretrain family's mini-batch of
+    images, when a role trains on them) cannot be split evenly, before any training.
     """
     rank, world, local_rank = env_world()
     if task_shards < 0:
@@ -173,6 +174,11 @@ def setup(device: torch.device, meta_batch: int, task_shards: int) -> DistContex
         raise ConfigError(
             f"meta.meta_batch={meta_batch} is invalid: it must be divisible by the number of "
             f"{'processes' if world > 1 else 'task shards'} ({shards}), so each draws as many tasks"
+        )
+    if minibatch and minibatch % shards:
+        raise ConfigError(
+            f"meta.pretrain.batch={minibatch} is invalid: it must be divisible by the number of "
+            f"{'processes' if world > 1 else 'task shards'} ({shards}), so each takes as many images"
         )
     if world <= 1:
         return DistContext()
@@ -243,6 +249,30 @@ class ShardedTasks:
                 for s in self.mine
             ]
         )
+
+
+def minibatch_share(ctx: DistContext, batch: MiniBatch) -> MiniBatch:
+    """This process's images of a pretrain mini-batch: every rank draws the same mini-batch (one
+    generator, one seed) and takes every ``world_size``-th image from its rank on."""
+    if not ctx.active:
+        return batch
+    return MiniBatch(batch.x[ctx.rank :: ctx.world_size], batch.y[ctx.rank :: ctx.world_size])
+
+
+def sharded_minibatch_step(step: Step, shards: int, module: nn.Module) -> Step:
+    """One process doing what ``shards`` torchrun processes do with a pretrain mini-batch: a forward
+    and backward per shard (each with its own batch statistics, as DDP without SyncBatchNorm), the
+    gradients and metrics averaged over the shards. ``meta.task_shards`` turns it on, so that a run
+    in one process reproduces a torchrun run."""
+
+    def run(batch: MiniBatch) -> dict[str, float]:
+        metrics = [step(MiniBatch(batch.x[s::shards], batch.y[s::shards])) for s in range(shards)]
+        for param in module.parameters():
+            if param.grad is not None:
+                param.grad /= shards
+        return {k: sum(m[k] for m in metrics) / shards for k in metrics[0]}
+
+    return run
 
 
 def task_sampler(

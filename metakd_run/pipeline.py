@@ -29,7 +29,7 @@ from torch import nn
 
 from metakd_run import __version__, build, distributed, fingerprint
 from metakd_run.checkpoint import CheckpointError, load_checkpoint, load_state, save_atomic, write_text_atomic
-from metakd_run.config import Config, ConfigError, Split, Stage, to_dict
+from metakd_run.config import Config, ConfigError, Family, Split, Stage, to_dict
 from metakd_run.data import build_task_source
 from metakd_run.distill.mkd import MetaDistillation
 from metakd_run.evaluation import protocols
@@ -120,7 +120,9 @@ class Experiment:
                 f"device={cfg.device} is invalid: no CUDA device is visible; use device=cpu or auto"
             )
         # data-parallel (torchrun): join the group; every rank works in rank 0's run folder
-        self.dist = distributed.setup(self.device, cfg.meta.meta_batch, cfg.meta.task_shards)
+        pretrains = Family.pretrain in {cfg.meta.family_of(role) for role in ("teacher", "student")}
+        images = cfg.meta.pretrain.batch if pretrains else 0  # a pretrain mini-batch is split too
+        self.dist = distributed.setup(self.device, cfg.meta.meta_batch, cfg.meta.task_shards, images)
         self.run_dir = self.dist.shared_dir(Path(run_dir))
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.dtype = getattr(torch, str(cfg.dtype))
@@ -468,17 +470,20 @@ class Experiment:
         own = getattr(trainee.learner, "batches", None)  # the pretrain family draws mini-batches
 
         def sample(iteration: int, generator: torch.Generator) -> Any:
-            if own is not None:
-                return own(src.train, generator)
+            if own is not None:  # under torchrun, this process's share of the mini-batch
+                return distributed.minibatch_share(self.dist, own(src.train, generator))
             if sharded is not None:  # data-parallel: this process's shard of the iteration
                 return sharded(iteration)
             return src.train.sample(cfg.meta.meta_batch, generator, transfer)
 
+        step = trainee.step
+        if own is not None and not self.dist.active and cfg.meta.task_shards > 1:
+            step = distributed.sharded_minibatch_step(step, cfg.meta.task_shards, trainee.module)
         return StageSpec(
             name=name,
             module=trainee.module.to(self.device, self.dtype),
             learner=trainee.learner,
-            step=self.dist.wrap_step(trainee.step),
+            step=self.dist.wrap_step(step),
             sample_tasks=sample,
             val_tasks=fixed_tasks(
                 src.val, cfg.train.val_tasks, derive_seed(cfg.eval.seed, "val"), cfg.eval.batch

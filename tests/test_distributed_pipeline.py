@@ -107,6 +107,42 @@ def test_torchrun_equals_one_process_over_all_stages_of_a_conv_run(tmp_path, dat
     assert_close(a, b)
 
 
+def test_torchrun_splits_a_pretrain_mini_batch_as_one_process_with_task_shards(tmp_path, data):
+    """A pretrain teacher into a ProtoNet student: the teacher's mini-batch is shared between the two
+    ranks (each its own batch statistics); one process with ``meta.task_shards=2`` does the same."""
+    run = [*RUN, "meta=pretrain", "meta.student_family=protonet", "meta.pretrain.batch=8", "kd=cosine"]
+    ddp, one, whole = tmp_path / "ddp", tmp_path / "one", tmp_path / "whole"
+    proc = subprocess.run(
+        torchrun(*run, *data, f"hydra.run.dir={ddp}"), cwd=tmp_path, capture_output=True, text=True,
+        timeout=400, env=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for folder, shards in ((one, 2), (whole, 0)):
+        alone = subprocess.run(
+            [*metakd_run_exe(), *run, *data, f"meta.task_shards={shards}", f"hydra.run.dir={folder}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=400, env=ENV,
+        )  # fmt: skip
+        assert alone.returncode == 0, alone.stderr[-3000:]
+    assert_close(comparable(ddp), comparable(one))
+    # and the split matters: one process on the whole mini-batch normalises over 8 images, not 4
+    with pytest.raises(AssertionError):
+        assert_close(comparable(ddp)["models"]["teacher"], comparable(whole)["models"]["teacher"])
+
+
+def test_torchrun_refuses_a_pretrain_mini_batch_it_cannot_split(tmp_path, data):
+    run = [*RUN, "meta=pretrain", "meta.student_family=protonet", "meta.pretrain.batch=7", "kd=cosine"]
+    proc = subprocess.run(
+        torchrun(*run, *data, f"hydra.run.dir={tmp_path / 'ddp'}"), cwd=tmp_path, capture_output=True,
+        text=True, timeout=400, env=ENV,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    # each rank's one line (torchrun's own launcher then prints its ChildFailedError report)
+    needle = "meta.pretrain.batch=7 is invalid: it must be divisible by the number of processes (2)"
+    ours = 'File "' + str(Path(__file__).parents[1] / "metakd_run")  # a traceback through our code
+    assert f"metakd-run: error: {needle}" in proc.stderr and ours not in proc.stderr
+    assert not list((tmp_path / "ddp").rglob("*.pt"))  # refused before any training
+
+
 def test_torchrun_killed_mid_stage_resumes_to_the_same_summary(tmp_path, data):
     left_alone = tmp_path / "alone"
     done = subprocess.run(
