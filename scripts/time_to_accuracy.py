@@ -15,10 +15,10 @@
 
 The CPU-minutes are process CPU time (user + system, getrusage): with ``threads=1`` on an idle core
 they equal wall minutes; on a shared machine the wall time is longer and the CPU time is what is
-comparable. The training loop times itself in wall seconds, so the curve's CPU-minutes at each
-validation are its wall minutes times the whole run's CPU/wall ratio (an estimate that assumes the
-contention was even over the run); the final line's CPU time is measured. The calibration converts
-the same way. Extra arguments are passed to ``metakd-run`` as overrides (e.g.
+comparable. The calibration reads the stage's measured CPU seconds (``timings.json``). The
+validation history keeps iterations, not clocks, so the curve's CPU-minutes at each validation are
+its wall minutes times the whole run's CPU/wall ratio (an estimate that assumes the contention was
+even over the run); the final line's CPU time is measured. Extra arguments are passed to ``metakd-run`` as overrides (e.g.
 ``meta.pretrain.head=centroid``).
 """
 
