@@ -268,8 +268,7 @@ def setting_row(s: Setting, shown: list[str]) -> list[str]:
     difference, wins, gap closed, parameters and CPU minutes."""
     metric, higher, scale = s.metric()
     means = {m: s.seed_means(m) for m in MODELS}
-    seeds = sorted(set(means["student_kd"]) & set(means["student_base"]))
-    diffs = [means["student_kd"][k] - means["student_base"][k] for k in seeds]
+    seeds, diffs = paired_differences(s)
     wins = sum(1 for d in diffs if (d > 0 if higher else d < 0))
     t, kd, base = (sum(means[m].values()) / len(means[m]) if means[m] else math.nan for m in MODELS)
     gap = (kd - base) / (t - base) * 100 if t == t and t != base else math.nan
@@ -281,6 +280,38 @@ def setting_row(s: Setting, shown: list[str]) -> list[str]:
     cells += [" / ".join(f"{p:,}" if p else "—" for p in params)]
     cells += [" / ".join(f"{c:.0f}" if c is not None else "—" for c in cpu)]
     return cells
+
+
+def paired_differences(s: Setting) -> tuple[list[int], list[float]]:
+    """The seeds with both students, and distilled minus undistilled on each (its test-task mean)."""
+    kd, base = s.seed_means("student_kd"), s.seed_means("student_base")
+    seeds = sorted(set(kd) & set(base))
+    return seeds, [kd[k] - base[k] for k in seeds]
+
+
+def choose(study: Path, min_seeds: int = 3) -> tuple[list[str], list[str]]:
+    """The setting a search picks: the largest mean paired difference (distilled better than its
+    undistilled twin), among the settings with at least ``min_seeds`` seeds. A search is made on
+    validation: a study whose split is ``test`` is refused (the test split is scored once). Returns
+    the chosen setting's overrides that the search varied, and a line per setting, best first."""
+    info = yaml.safe_load((study / "study.yaml").read_text())
+    if info.get("split") == "test":
+        raise LedgerError(f"{study} is scored on the test split: choose on a validation study")
+    settings = settings_of(read_records(study))
+    ranked = []
+    for s in settings:
+        seeds, diffs = paired_differences(s)
+        if len(seeds) >= min_seeds:
+            _, higher, scale = s.metric()
+            mean = sum(diffs) / len(diffs)
+            ranked.append((mean if higher else -mean, s, f"{s.name}: {_stat(diffs, scale, signed=True)} "
+                           f"over seeds {', '.join(map(str, seeds))}"))  # fmt: skip
+    if not ranked:
+        raise LedgerError(f"{study}: no setting has {min_seeds} seeds with both students yet")
+    ranked.sort(key=lambda r: r[0], reverse=True)
+    varied = varying_keys(settings)
+    chosen = [o for o in ranked[0][1].name.split() if o.partition("=")[0] in varied]
+    return chosen, [line for _, _, line in ranked]
 
 
 def _shown(s: Setting, shown: list[str]) -> str:
@@ -371,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("add", help="record finished runs (a run folder or a sweep folder) in a study")
     a.add_argument("study", type=Path, help="results/<study> (holding study.yaml)")
     a.add_argument("folders", type=Path, nargs="+")
+    c = sub.add_parser("choose", help="the setting a search on val picks (largest mean paired difference)")
+    c.add_argument("study", type=Path, help="results/<study> of a search (split: val)")
+    c.add_argument("--min-seeds", type=int, default=3, help="only settings with this many seeds")
     r = sub.add_parser("render", help="render the docs' result tables from the ledger")
     r.add_argument("--results", type=Path, default=REPO / "results")
     r.add_argument("--docs", type=Path, default=REPO / "docs" / "results.md")
@@ -382,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "add":
             for path in add(args.study, args.folders):
                 print(path)
+            return 0
+        if args.command == "choose":
+            chosen, lines = choose(args.study, args.min_seeds)
+            print(" ".join(chosen))  # the overrides to score on the test split
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
             return 0
         block = render(args.results)
         if not (args.write or args.check):

@@ -208,3 +208,34 @@ def test_a_run_added_again_under_a_new_digest_replaces_its_record(tmp_path):
     (s / "runs" / "seed0-copy.json.gz").write_bytes(new.read_bytes())
     with pytest.raises(ledger.LedgerError, match="two records of seed 0 for the setting 'kd.weight=2'"):
         ledger.render(tmp_path / "results")
+
+
+def test_choose_picks_the_largest_mean_paired_difference_on_val_and_refuses_a_test_study(tmp_path, capsys):
+    """kd.weight=2 wins by +0.067 on average over seeds 0-2; kd.weight=0.5 (its students swapped
+    seed by seed: the undistilled twin ahead) by -0.067; kd.weight=8 is ahead but has one seed."""
+    s = study(tmp_path)
+    swapped = {
+        k: {**a, "student_kd": a["student_base"], "student_base": a["student_kd"]} for k, a in SEEDS.items()
+    }  # noqa: E501
+
+    def run(folder: Path, seed: int, acc: dict, weight: str) -> None:  # its own digest per setting
+        fake_run(folder, seed, acc, [f"kd.weight={weight}", "eval.split=val"])
+        digest = f"{weight}{seed}".replace(".", "") * 4
+        (folder / "fingerprint.json").write_text(json.dumps({"digest": digest}))
+
+    for seed in SEEDS:
+        run(tmp_path / "w2" / str(seed), seed, SEEDS[seed], "2")
+        run(tmp_path / "w05" / str(seed), seed, swapped[seed], "0.5")
+    ahead = {"teacher": [1.0, 1.0], "student_kd": [1.0, 1.0], "student_base": [0.1, 0.1]}
+    run(tmp_path / "w8" / "0", 0, ahead, "8")
+    ledger.add(s, [tmp_path / "w2", tmp_path / "w05", tmp_path / "w8"])
+    assert ledger.main(["choose", str(s)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "kd.weight=2\n"  # the varied override only: what the test-split command takes
+    assert err.index("kd.weight=2") < err.index("kd.weight=0.5") and "kd.weight=8" not in err
+    assert ledger.main(["choose", str(s), "--min-seeds", "1"]) == 0
+    assert capsys.readouterr().out == "kd.weight=8\n"
+    # the test split is scored once, never searched
+    (s / "study.yaml").write_text("title: Demo\ncommand: metakd-run -m seed=0,1,2\nsplit: test\n")
+    assert ledger.main(["choose", str(s)]) == 2
+    assert "scored on the test split: choose on a validation study" in capsys.readouterr().err
