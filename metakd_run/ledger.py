@@ -278,7 +278,7 @@ def setting_row(s: Setting, shown: list[str]) -> list[str]:
     cells += [_stat(list(means[m].values()), scale) for m in MODELS]
     cells += [_stat(diffs, scale, signed=True), f"{wins}/{len(diffs)}", "—" if gap != gap else f"{gap:.0f}%"]
     cells += [" / ".join(f"{p:,}" if p else "—" for p in params)]
-    cells += [" / ".join(f"{c:.0f}" if c is not None else "—" for c in cpu)]
+    cells += [" / ".join("—" if c is None else f"{c:.1f}" if c < 10 else f"{c:.0f}" for c in cpu)]
     return cells
 
 

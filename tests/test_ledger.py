@@ -73,7 +73,7 @@ def test_tables_are_recomputed_from_the_per_task_records(tmp_path):
     teacher = sum(sum(a["teacher"]) / 2 for a in SEEDS.values()) / 3
     gap = (sum(kd) / 3 - sum(base) / 3) / (teacher - sum(base) / 3)
     assert cells[7] == f"{100 * gap:.0f}%"
-    assert cells[8] == "1,000 / 100 / 100" and cells[9] == "3 / 1 / 1"
+    assert cells[8] == "1,000 / 100 / 100" and cells[9] == "3.0 / 1.0 / 1.0"
 
 
 def test_check_fails_when_a_published_number_drifts(tmp_path):
@@ -158,7 +158,7 @@ def test_a_resumed_stage_counts_its_whole_cpu_time(tmp_path):
     (run / "timings.json").write_text(json.dumps(timings))
     ledger.add(s, [run])
     (row,) = [line for line in ledger.render_study(s) if line.startswith("| kd.weight=1")]
-    assert row.rstrip(" |").endswith("| 3 / 6 / 1")  # 360 s: the whole stage's 6 minutes
+    assert row.rstrip(" |").endswith("| 3.0 / 6.0 / 1.0")  # 360 s: the whole stage's 6 minutes
 
 
 def test_cpu_minutes_are_the_measured_process_time_where_a_stage_kept_it(tmp_path):
@@ -173,7 +173,7 @@ def test_cpu_minutes_are_the_measured_process_time_where_a_stage_kept_it(tmp_pat
     (run / "timings.json").write_text(json.dumps(timings))
     ledger.add(s, [run])
     (row,) = [line for line in ledger.render_study(s) if line.startswith("| kd.weight=1")]
-    assert row.rstrip(" |").endswith("| 3 / 2 / 4")
+    assert row.rstrip(" |").endswith("| 3.0 / 2.0 / 4.0")
     # and the table says that its CPU minutes are some measured, some estimated
     assert "measured process CPU time where the run kept it, else wall time x threads" in "\n".join(
         ledger.render_study(s)
