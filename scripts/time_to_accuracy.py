@@ -1,16 +1,18 @@
 """Time to accuracy of the pretrain family: what a teacher reaches in a budget of CPU-minutes.
 
     METAKD_DATA_ROOT=../shared/data python scripts/time_to_accuracy.py \\
-        --experiment miniimagenet_5w1s_cpu --minutes 60 [--threads 1] [--out outputs/tta] [OVERRIDE ...]
+        --experiment miniimagenet_5w1s_cpu --minutes 60 [--threads 1] [--split val|test] \\
+        [--out outputs/tta] [OVERRIDE ...]
 
 1. Calibrate: a short teacher-only run (``--calibrate`` iterations, default 30) measures the CPU
    seconds of one training iteration (the stage's training seconds, validation left out).
-2. Run: a teacher-only run (``train.stages=[teacher]``, ``meta=pretrain``, ``eval.split=val``:
-   the test images are not in every copy of miniImageNet) with as many iterations as fit in
-   ``--minutes`` of CPU time, less what validation and the meta-test take (``--train-share``,
-   default 0.85), validated ``--points`` times on the same val tasks as every family.
+2. Run: a teacher-only run (``train.stages=[teacher]``, ``meta=pretrain``) with as many
+   iterations as fit in ``--minutes`` of CPU time, less what validation and the meta-test take
+   (``--train-share``, default 0.85), validated ``--points`` times on the same val tasks as every
+   family, and meta-tested on ``--split`` (val by default: the test images are not in every copy
+   of miniImageNet; Omniglot has them).
 3. Print (and write ``time_to_accuracy.json`` in ``--out``): the val accuracy at each validation
-   against the CPU-minutes spent by then, and the final meta-test on ``eval.tasks`` val tasks, with
+   against the CPU-minutes spent by then, and the final meta-test on ``eval.tasks`` tasks, with
    the measured CPU time of the whole run (getrusage of the child process: user + system).
 
 The CPU-minutes are process CPU time (user + system, getrusage): with ``threads=1`` on an idle core
@@ -18,8 +20,8 @@ they equal wall minutes; on a shared machine the wall time is longer and the CPU
 comparable. The calibration reads the stage's measured CPU seconds (``timings.json``). The
 validation history keeps iterations, not clocks, so the curve's CPU-minutes at each validation are
 its wall minutes times the whole run's CPU/wall ratio (an estimate that assumes the contention was
-even over the run); the final line's CPU time is measured. Extra arguments are passed to ``metakd-run`` as overrides (e.g.
-``meta.pretrain.head=centroid``).
+even over the run); the final line's CPU time is measured. Extra arguments are passed to
+``metakd-run`` as overrides (e.g. ``meta.pretrain.head=centroid``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def main() -> None:
     parser.add_argument("--calibrate", type=int, default=30, help="iterations of the calibration run")
     parser.add_argument("--train-share", type=float, default=0.85, help="share of the budget for training")
     parser.add_argument("--points", type=int, default=5, help="validations along the run")
+    parser.add_argument(
+        "--split", choices=("val", "test"), default="val",
+        help="the meta-test split (val: this copy of miniImageNet has no test images; Omniglot has them)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("outputs/time_to_accuracy"))
     args, extra = parser.parse_known_args()
     out = args.out / f"{args.experiment}-{args.minutes:g}min"
@@ -61,7 +67,7 @@ def main() -> None:
         f"experiment={args.experiment}",
         "meta=pretrain",
         "train.stages=[teacher]",
-        "eval.split=val",
+        f"eval.split={args.split}",
         f"threads={args.threads}",
         "train.progress=false",
         *extra,
@@ -106,11 +112,13 @@ def main() -> None:
         "cpu_per_wall": share,
         "curve": curve,
         "final": {
+            "split": args.split,
             "eval_tasks": summary["eval"]["tasks"],
             "accuracy": final[last]["mean"],
             "ci95": final[last]["ci95"],
         },
         "run_cpu_minutes": cpu / 60,
+        "training_cpu_minutes": training_cpu_seconds(result, share) / 60,  # the stage, validation left out
         "run_wall_minutes": wall / 60,
         "run_dir": str(main_dir),
         "threads": args.threads,
@@ -127,7 +135,7 @@ def main() -> None:
               f"{100 * c['val_accuracy']:>12.2f}")  # fmt: skip
     print(
         f"final: {100 * final[last]['mean']:.2f} ± {100 * final[last]['ci95']:.2f}% on "
-        f"{summary['eval']['tasks']} val tasks; the run took {cpu / 60:.2f} CPU-minutes "
+        f"{summary['eval']['tasks']} {args.split} tasks; the run took {cpu / 60:.2f} CPU-minutes "
         f"({wall / 60:.2f} wall); {out / 'time_to_accuracy.json'}"
     )
 

@@ -26,7 +26,11 @@ SCRIPT = ROOT / "scripts" / "kd_vs_mkd.py"
 
 @pytest.fixture(scope="module")
 def overrides(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("data")
+    return tiny_omniglot(tmp_path_factory.mktemp("data"))
+
+
+def tiny_omniglot(root: Path) -> list[str]:
+    """Overrides for a tiny Omniglot in ``root`` (written here) that every family trains on."""
     make_omniglot(root)
     splits = make_splits(root / "splits")
     return [
