@@ -79,7 +79,7 @@ def main() -> None:
     share = min(1.0, calib_cpu / calib_wall)  # of a core (per thread) that the process had
     per_iteration = training_cpu_seconds(result, share) / result["iterations_run"]
     iterations = max(args.points, int(args.minutes * 60 * args.train_share / per_iteration))
-    every = max(1, iterations // args.points)
+    every = -(-iterations // args.points)  # ceil: exactly --points validations, the last at the end
     main_dir = out / "run"
     cpu, wall = run(
         [*base, f"train.iterations={iterations}", f"train.val_every={every}",
