@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -33,7 +33,9 @@ from metakd_run.config import ConfigError
 from metakd_run.data.tasks import MiniBatch, TaskBatch
 from metakd_run.seeding import derive_seed
 
-Step = Callable[[TaskBatch], dict[str, float]]
+Batch = TypeVar("Batch", TaskBatch, MiniBatch)
+# One training step: a meta-step takes a TaskBatch, a pretrain step a MiniBatch of images.
+Step = Callable[[Batch], dict[str, float]]
 
 
 def env_world() -> tuple[int, int, int]:
@@ -131,7 +133,7 @@ class DistContext:
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
-    def wrap_step(self, step: Step) -> Step:
+    def wrap_step(self, step: Step[Batch]) -> Step[Batch]:
         """The meta-step with its logged metrics averaged over processes.
 
         Rank 0 then logs the whole meta-batch's loss, and every process sees the same value, so a
@@ -141,7 +143,7 @@ class DistContext:
         if not self.active:
             return step
 
-        def averaged(batch: TaskBatch) -> dict[str, float]:
+        def averaged(batch: Batch) -> dict[str, float]:
             import torch.distributed as dist
 
             metrics = step(batch)
@@ -259,7 +261,7 @@ def minibatch_share(ctx: DistContext, batch: MiniBatch) -> MiniBatch:
     return MiniBatch(batch.x[ctx.rank :: ctx.world_size], batch.y[ctx.rank :: ctx.world_size])
 
 
-def sharded_minibatch_step(step: Step, shards: int, module: nn.Module) -> Step:
+def sharded_minibatch_step(step: Step[MiniBatch], shards: int, module: nn.Module) -> Step[MiniBatch]:
     """One process doing what ``shards`` torchrun processes do with a pretrain mini-batch: a forward
     and backward per shard (each with its own batch statistics, as DDP without SyncBatchNorm), the
     gradients and metrics averaged over the shards. ``meta.task_shards`` turns it on, so that a run

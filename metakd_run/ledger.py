@@ -359,7 +359,7 @@ def render_study(study: Path) -> list[str]:
         f"Split: **{info['split']}**; {metric} after {step} inner steps on "
         f"{len(records[0]['per_task']['student_kd'][f'step_{step}'])} tasks per seed; mean ± Student-t 95% "
         "interval over seeds; the difference is paired seed by seed. CPU min: each stage's training "
-        f"time, mean over seeds, {cpu_basis(records)}.",
+        f"time (its validations included), mean over seeds, {cpu_basis(records)}.",
         "",
     ]
     shared = sorted({o for s in settings for o in s.name.split()} - {o for o in _all(settings, shown)})
