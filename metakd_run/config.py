@@ -364,7 +364,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     stages: list[Stage] = field(default_factory=lambda: [Stage.teacher, Stage.student_kd, Stage.student_base])
     teacher_checkpoint: str | None = None  # a finished teacher.pt to use instead of training one
-    teacher_cache: str | None = None  # a folder where teachers are kept by config and seed, and reused
+    # a folder where teachers and undistilled students (neither depends on the distillation) are
+    # kept by their stage settings and seed, and reused
+    teacher_cache: str | None = None
     resume: str | None = None
     accept_mismatch: bool = False  # load models (this folder's, a given teacher) trained with other settings
     progress: bool = True

@@ -164,7 +164,7 @@ class Experiment:
             given = Path(cfg.train.teacher_checkpoint).expanduser()
             given_teacher = self.check_given_teacher(given)
             self.load_finished(given, teacher, self.teacher_what())
-        elif self.cached_teacher() is not None and self.cached_teacher().exists():
+        elif (cached := self.cached(Stage.teacher)) is not None and cached.exists():
             pass  # loaded when the teacher's turn comes
         elif Stage.teacher not in cfg.train.stages and not final_path(self.ckpt_dir, "teacher").exists():
             raise CheckpointError(
@@ -265,7 +265,7 @@ class Experiment:
         """Where the teacher comes from, as the summary reports it (known before any training)."""
         if self.cfg.train.teacher_checkpoint:
             return f"train.teacher_checkpoint={self.cfg.train.teacher_checkpoint}"
-        cached = self.cached_teacher()
+        cached = self.cached(Stage.teacher)
         if cached is not None and cached.exists():
             return f"shared: {cached}"
         accepted = self.accepted.get(Stage.teacher)
@@ -277,15 +277,19 @@ class Experiment:
             )
         return "trained in this run"
 
-    def cached_teacher(self) -> Path | None:
-        """``train.teacher_cache``: one file per teacher config, budget and seed, so the cells of a
-        study (or a seed sweep) that share a teacher train it once."""
+    def cached(self, name: str) -> Path | None:
+        """``train.teacher_cache``: one file per stage settings and seed for the stages that do not
+        depend on the distillation, the teacher and the undistilled student, so that the cells of a
+        study (or a seed sweep) that share them train them once. The distilled student is never
+        cached: it is what the cells vary."""
         cfg = self.cfg
-        if not cfg.train.teacher_cache:
+        if not cfg.train.teacher_cache or name == Stage.student_kd:
             return None
         folder = Path(os.path.normpath(Path(cfg.train.teacher_cache).expanduser()))  # a study's <job>/..
-        own = fingerprint.digest(fingerprint.stage_settings(cfg, Stage.teacher))
-        path = folder / f"teacher-seed{cfg.seed}-{own}.pt"
+        own = fingerprint.digest(fingerprint.stage_settings(cfg, name))
+        path = folder / f"{name}-seed{cfg.seed}-{own}.pt"
+        if name != Stage.teacher:
+            return path
         legacy = folder / f"teacher-seed{cfg.seed}-{fingerprint.cache_digest(cfg)}.pt"
         return legacy if legacy.exists() and not path.exists() else path
 
@@ -376,7 +380,7 @@ class Experiment:
         """Load the stage's finished checkpoint if there is one, else train it and save it."""
         path = final_path(self.ckpt_dir, name)
         given = self.cfg.train.teacher_checkpoint if name == Stage.teacher else None
-        cached = self.cached_teacher() if name == Stage.teacher else None
+        cached = self.cached(name)
         if given:
             self.reuse[name] = f"loaded: train.teacher_checkpoint={given}"
             return self.load_finished(Path(given).expanduser(), trainee.module, self.teacher_what())
@@ -387,15 +391,15 @@ class Experiment:
             return self.train(name, trainee, stop, cached)
         if cached.exists():
             return self.load_cached(name, trainee, cached)
-        # Another job of this study may be training the same teacher (a parallel sweep's cells of
-        # one seed): wait for it and load its file rather than train the same model twice.
-        with self.cache_turn(cached, stop):
+        # Another job of this study may be training the same model (a parallel sweep's cells of
+        # one seed): wait for it and load its file rather than train it twice.
+        with self.cache_turn(name, cached, stop):
             if cached.exists():
                 return self.load_cached(name, trainee, cached)
             return self.train(name, trainee, stop, cached)
 
     def load_cached(self, name: str, trainee: Trainee, cached: Path) -> dict[str, Any]:
-        """The teacher from ``train.teacher_cache``, copied into this run folder."""
+        """The stage's model from ``train.teacher_cache``, copied into this run folder."""
         self.reuse[name] = f"loaded: train.teacher_cache file {cached}"
         result = self.load_finished(cached, trainee.module, f"train.teacher_cache file {cached}")
         if self.dist.is_main:  # the run folder stays complete (metakd_run.load reads it)
@@ -405,8 +409,8 @@ class Experiment:
         return result
 
     @contextlib.contextmanager
-    def cache_turn(self, cached: Path, stop: StopFlag) -> Iterator[None]:
-        """Hold ``<cache file>.lock`` while this job trains a cached teacher, so that a second job
+    def cache_turn(self, name: str, cached: Path, stop: StopFlag) -> Iterator[None]:
+        """Hold ``<cache file>.lock`` while this job trains a cached model, so that a second job
         of the same seed waits for the file instead of training it too. ``flock``: the kernel lets
         go when the holder ends, however it ends. Waiting polls, so Ctrl-C still stops the job.
         Under torchrun every rank trains together and no lock is taken."""
@@ -426,7 +430,7 @@ class Experiment:
                             f"stopped by signal {stop.signum} while waiting for {cached}", stop.signum
                         ) from None
                     if not told:
-                        log.info("teacher: another job is training %s; waiting for it", cached)
+                        log.info("%s: another job is training %s; waiting for it", name, cached)
                         told = True
                     time.sleep(CACHE_POLL_SECONDS)
             try:

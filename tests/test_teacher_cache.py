@@ -1,5 +1,6 @@
-"""``train.teacher_cache`` under parallel jobs: one job trains a seed's teacher, the others of that
-seed wait for its file and load it (a lock file beside the cached teacher)."""
+"""``train.teacher_cache``: the teacher and the undistilled student, which do not depend on the
+distillation, are kept by their settings and seed and shared; under parallel jobs one job trains a
+seed's model, the others of that seed wait for its file and load it (a lock file beside it)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,43 @@ def test_two_parallel_jobs_of_one_seed_train_its_teacher_once(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     timings = [json.loads((sweep / j / "timings.json").read_text()) for j in ("0", "1")]
-    obtained = [t["obtained"]["teacher"] for t in timings]
-    assert sorted(o.split(":")[0] for o in obtained) == ["loaded", "trained"], obtained
-    assert len(list(cache.glob("*.pt"))) == 1
+    for stage in ("teacher", "student_base"):
+        obtained = [t["obtained"][stage] for t in timings]
+        assert sorted(o.split(":")[0] for o in obtained) == ["loaded", "trained"], obtained
+    assert [t["obtained"]["student_kd"] for t in timings] == ["trained", "trained"]
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.pt")) == ["student_base", "teacher"]
+
+
+def _metric(run_dir: Path, model: str) -> list[float]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary["models"][model]["metrics"]["mse"]["curve"]["mean"]
+
+
+def test_the_undistilled_student_is_shared_by_runs_that_vary_only_the_distillation(run_cli, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_cli(f"train.teacher_cache={cache}", run_dir=tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (base,) = cache.glob("student_base-seed0-*.pt")
+    assert not list(cache.glob("student_kd*"))  # the distilled student is what cells vary
+
+    other_kd = run_cli(f"train.teacher_cache={cache}", "kd.weight=2", run_dir=tmp_path / "b")
+    assert other_kd.returncode == 0, other_kd.stderr[-2000:]
+    obtained = json.loads((tmp_path / "b" / "timings.json").read_text())["obtained"]
+    assert obtained["student_base"] == f"loaded: train.teacher_cache file {base}"
+    assert obtained["student_kd"] == "trained"
+    assert _metric(tmp_path / "b", "student_base") == _metric(tmp_path / "a", "student_base")
+    assert _metric(tmp_path / "b", "student_kd") != _metric(tmp_path / "a", "student_kd")
+    assert (tmp_path / "b" / "checkpoints" / "student_base.pt").is_file()  # the run folder stays whole
+
+    # what makes sharing it sound: trained without the cache, after no distilled stage and with
+    # other distillation settings, the undistilled student comes out the same
+    alone = run_cli("kd.weight=2", "train.stages=[teacher,student_base]", run_dir=tmp_path / "alone")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert _metric(tmp_path / "alone", "student_base") == _metric(tmp_path / "a", "student_base")
+
+    # a setting that shapes the undistilled student trains its own, under its own name
+    other_student = run_cli(f"train.teacher_cache={cache}", "meta.inner_lr=0.02", run_dir=tmp_path / "c")
+    assert other_student.returncode == 0, other_student.stderr[-2000:]
+    obtained = json.loads((tmp_path / "c" / "timings.json").read_text())["obtained"]
+    assert obtained["student_base"] == "trained"
+    assert len(list(cache.glob("student_base-seed0-*.pt"))) == 2
