@@ -78,9 +78,25 @@ def _program_args(words: list[str]) -> tuple[dict[str, str], list[str]] | None:
     return None
 
 
+QUOTED_DOLLAR = "\ue000"  # a ``$`` inside single quotes: the shell leaves it alone, so must we
+
+
+def _protect_single_quoted(text: str) -> str:
+    """``text`` with each ``$`` inside single quotes replaced by :data:`QUOTED_DOLLAR`, so that the
+    variable expansion below spares what a shell spares (Hydra's ``'...${seed}'`` interpolations)."""
+    out, single, double = [], False, False
+    for ch in text:
+        if ch == "'" and not double:
+            single = not single
+        elif ch == '"' and not single:
+            double = not double
+        out.append(QUOTED_DOLLAR if ch == "$" and single else ch)
+    return "".join(out)
+
+
 def _parse(text: str, line: int, error: str | None = None) -> Command | None:
     try:
-        words = shlex.split(text, comments=True)
+        words = shlex.split(_protect_single_quoted(text), comments=True)
     except ValueError:
         return None
     found = _program_args(words)
@@ -192,6 +208,7 @@ def _expand_vars(arg: str, env: dict[str, str]) -> str:
     """The shell's ``$VAR`` expansion (unset: empty) and ``~`` at the start of a word only."""
     values = {**os.environ, "PWD": str(ROOT), **env}
     arg = re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: values.get(m.group(1), ""), arg)
+    arg = arg.replace(QUOTED_DOLLAR, "$")
     return os.path.expanduser(arg) if arg.startswith("~") else arg
 
 
@@ -404,6 +421,15 @@ def test_relative_links_lead_somewhere(doc: Path):
     """A moved section or a renamed heading must not leave a link from another document dangling."""
     broken = broken_links(doc)
     assert not broken, f"{doc.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_single_quotes_keep_what_the_shell_keeps():
+    cmd = _parse("metakd-run -m 'hydra.sweep.subdir=${study.cell}-s${seed}' train.teacher_cache=$HOME/t", 1)
+    overrides, sweep = overrides_of(cmd)
+    assert sweep and overrides == [
+        "hydra.sweep.subdir=${study.cell}-s${seed}",
+        f"train.teacher_cache={Path.home()}/t",
+    ]
 
 
 def test_the_link_check_sees_a_broken_link(tmp_path: Path):
