@@ -182,6 +182,9 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
     cpu: float | None = 0.0
     val_cpu: float | None = 0.0
     history: list[dict[str, float]] = []
+    # when each validation ended, in the stage's seconds and CPU seconds (validation included):
+    # kept beside the history, out of summary.json (clocks vary between identical runs)
+    clock: list[dict[str, float | None]] = []
     resume_file = last_path(spec)
     if resume_file.exists():
         state = load_checkpoint(resume_file)
@@ -195,6 +198,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         elapsed, history = state["elapsed"], state["history"]
         val_elapsed = state.get("val_elapsed", 0.0)
         cpu, val_cpu = state.get("cpu_elapsed"), state.get("val_cpu_elapsed")
+        clock = state.get("clock", [])
         log.info("%s: resumed from %s at iteration %d", spec.name, resume_file, start)
 
     def save_last(iteration: int) -> Path:
@@ -211,6 +215,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
                 "val_elapsed": val_elapsed,
                 "cpu_elapsed": cpu,
                 "val_cpu_elapsed": val_cpu,
+                "clock": clock,
                 "history": history,
                 "rng": {"tasks": generator.get_state(), **_global_rng()},
                 "fingerprint": spec.fingerprint,
@@ -264,6 +269,13 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
             val_elapsed += time.perf_counter() - val_tic
             val_cpu = None if val_cpu is None else val_cpu + time.process_time() - val_cpu_tic
             history.append({"iteration": done, metric_name: value})
+            clock.append(
+                {
+                    "iteration": done,
+                    "seconds": elapsed + time.perf_counter() - tic,
+                    "cpu_seconds": None if cpu is None else cpu + time.process_time() - cpu_tic,
+                }
+            )
             if spec.is_main:
                 tracker.scalars(f"{spec.name}/val", {metric_name: value}, done)
             if best is None or (value > best if higher else value < best):
@@ -298,6 +310,7 @@ def run_stage(spec: StageSpec, tracker: Any, stop: StopFlag) -> dict[str, Any]:
         "validation_seconds": val_elapsed,
         "cpu_seconds": cpu,
         "validation_cpu_seconds": val_cpu,
+        "validation_clock": clock,
         "iterations": spec.iterations,
         # training throughput (tasks, or a pretrain stage's images, per second), validation left out
         f"{unit}_per_second": per_iteration * spec.iterations / train_seconds if train_seconds > 0 else 0.0,

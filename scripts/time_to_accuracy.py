@@ -17,11 +17,11 @@
 
 The CPU-minutes are process CPU time (user + system, getrusage): with ``threads=1`` on an idle core
 they equal wall minutes; on a shared machine the wall time is longer and the CPU time is what is
-comparable. The calibration reads the stage's measured CPU seconds (``timings.json``). The
-validation history keeps iterations, not clocks, so the curve's CPU-minutes at each validation are
-its wall minutes times the whole run's CPU/wall ratio (an estimate that assumes the contention was
-even over the run); the final line's CPU time is measured. Extra arguments are passed to
-``metakd-run`` as overrides (e.g. ``meta.pretrain.head=centroid``).
+comparable. The calibration reads the stage's measured CPU seconds (``timings.json``), and the
+curve the training loop's clock at each validation (``validation_clock``); a run resumed from a
+checkpoint older than that clock falls back to its wall minutes times the whole run's CPU/wall
+ratio (the record's ``curve_cpu`` says which). The final line's CPU time is measured. Extra
+arguments are passed to ``metakd-run`` as overrides (e.g. ``meta.pretrain.head=centroid``).
 """
 
 from __future__ import annotations
@@ -92,14 +92,22 @@ def main() -> None:
     train_per_it = (result["seconds"] - result["validation_seconds"]) / result["iterations_run"]
     val_per = result["validation_seconds"] / max(1, len(result["history"]))
     share = cpu / wall
+    # the loop's clock at each validation (measured); a stage resumed from a checkpoint written
+    # before it kept one has none for its earlier validations: the whole curve is then estimated
+    clock = result.get("validation_clock") or []
+    measured = len(clock) == len(result["history"]) and all(c["cpu_seconds"] is not None for c in clock)
     curve = []
     for i, h in enumerate(result["history"]):
-        wall_min = (h["iteration"] * train_per_it + (i + 1) * val_per) / 60
+        if measured:
+            wall_min, cpu_min = clock[i]["seconds"] / 60, clock[i]["cpu_seconds"] / 60
+        else:
+            wall_min = (h["iteration"] * train_per_it + (i + 1) * val_per) / 60
+            cpu_min = wall_min * share
         curve.append(
             {
                 "iteration": h["iteration"],
                 "wall_minutes": wall_min,
-                "cpu_minutes_est": wall_min * share,
+                "cpu_minutes": cpu_min,
                 "val_accuracy": h["accuracy"],
             }
         )
@@ -111,6 +119,7 @@ def main() -> None:
         "train_wall_seconds_per_iteration": train_per_it,
         "cpu_per_wall": share,
         "curve": curve,
+        "curve_cpu": "measured by the training loop" if measured else "wall minutes x the run's CPU/wall",
         "final": {
             "split": args.split,
             "eval_tasks": summary["eval"]["tasks"],
@@ -131,7 +140,7 @@ def main() -> None:
         f"{'iteration':>10} {'wall-min':>8} {'CPU-min':>8} {'val acc (%)':>12}  (train.val_tasks val tasks)"
     )
     for c in curve:
-        print(f"{c['iteration']:>10} {c['wall_minutes']:>8.2f} {c['cpu_minutes_est']:>8.2f} "
+        print(f"{c['iteration']:>10} {c['wall_minutes']:>8.2f} {c['cpu_minutes']:>8.2f} "
               f"{100 * c['val_accuracy']:>12.2f}")  # fmt: skip
     print(
         f"final: {100 * final[last]['mean']:.2f} ± {100 * final[last]['ci95']:.2f}% on "

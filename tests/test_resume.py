@@ -71,6 +71,13 @@ def test_sigkill_mid_stage_then_resume_ends_with_the_same_summary(run_cli, tmp_p
     # the stage's clocks carry on from the checkpoint: its CPU time is the whole stage's
     stage = json.loads((run_dir / "timings.json").read_text())["student_kd"]
     assert stage["cpu_seconds"] > checkpoint["cpu_elapsed"] and stage["seconds"] > checkpoint["elapsed"]
+    # and so does the clock of each validation: every one of the stage's, in order
+    alone_clock = json.loads((tmp_path / "alone" / "timings.json").read_text())["student_kd"][
+        "validation_clock"
+    ]
+    clock = stage["validation_clock"]
+    assert [c["iteration"] for c in clock] == [c["iteration"] for c in alone_clock] and len(clock) >= 2
+    assert all(a["cpu_seconds"] < b["cpu_seconds"] for a, b in zip(clock, clock[1:]))
     assert not list(tmp_path.glob("outputs/**/.hydra"))  # the resume made no second run folder
 
 

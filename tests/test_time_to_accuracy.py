@@ -40,6 +40,11 @@ def test_the_budget_buys_the_calibrated_iterations_and_the_final_figure_is_the_r
     assert f"split: {split}" in config and "family: pretrain" in config
     timings = json.loads((run / "timings.json").read_text())["teacher"]
     assert timings["iterations"] == record["iterations"] and len(record["curve"]) == 2
+    # the curve reads the loop's clock: rising CPU minutes, the last within the stage's total
+    assert record["curve_cpu"] == "measured by the training loop"
+    cpu = [c["cpu_minutes"] for c in record["curve"]]
+    assert 0 < cpu[0] < cpu[1] <= timings["cpu_seconds"] / 60 + 1e-9
+    assert [c["iteration"] for c in timings["validation_clock"]] == [c["iteration"] for c in record["curve"]]
     summary = json.loads((run / "summary.json").read_text())
     final = summary["models"]["teacher"]["metrics"]["accuracy"]["step_0"]
     assert record["final"]["accuracy"] == final["mean"] and record["final"]["split"] == split
