@@ -9,7 +9,8 @@ pipeline compares them before any training (:func:`differences`).
 A fingerprint holds the settings that change what a stage computes (its model, data set, family
 and algorithm options, distillation options, budget, validation tasks, seed, dtype) and leaves out
 the ones that change only how it runs or what is shown (``threads``, ``device``, the batching
-strategy and chunk size, progress bars, logging cadence, checkpoint cadence, the logger, paths).
+strategy and chunk size, progress bars, logging cadence, checkpoint cadence, the logger, paths,
+and the labels ``meta.name`` and ``kd.name``).
 The batching strategies are exact up to float rounding (the tests compare them), so a run resumed
 with another strategy is the same run. This module imports only the config (a leaf).
 """
@@ -22,17 +23,26 @@ from typing import Any
 
 from metakd_run.config import Config, Family, Stage, to_dict
 
+# A config file's name for its choice, shown in tables and provenance; the options it stands for
+# are in the fingerprint beside it. ``meta=protonet`` is ``meta=maml`` with ``family: protonet``, so
+# its ProtoNet teacher and the one a study's ``meta.teacher_family=protonet`` trains are one model
+# (and ``meta=fomaml`` is ``meta.first_order=true``).
+LABEL_KEYS = frozenset({"meta.name", "kd.name"})
+
 # Keys that change how a run executes or what it shows, never what a stage computes. (The test
 # split shapes no stage: only the meta-test reads it, and the run's fingerprint holds it.)
-EXECUTION_KEYS = frozenset(
-    {
-        "dataset.root",
-        "dataset.cache_dir",
-        "dataset.download",
-        "dataset.test_split",
-        "meta.batching",
-        "meta.chunk",
-    }
+EXECUTION_KEYS = (
+    frozenset(
+        {
+            "dataset.root",
+            "dataset.cache_dir",
+            "dataset.download",
+            "dataset.test_split",
+            "meta.batching",
+            "meta.chunk",
+        }
+    )
+    | LABEL_KEYS
 )
 
 # A teacher named by train.teacher_checkpoint may come from another seed, budget or validation

@@ -102,9 +102,28 @@ def finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("digest") != fingerprint.digest(fingerprint.run_settings(cfg)):
-        return None
+    now = fingerprint.run_settings(cfg)
+    if saved.get("digest") != fingerprint.digest(now) and (
+        not isinstance(saved.get("settings"), dict) or fingerprint.differences(saved["settings"], now)
+    ):
+        return None  # (a digest of older keys, a label say, may name these very settings)
     return summary if isinstance(summary, dict) and "objective" in summary else None
+
+
+def equivalent_in_cache(folder: Path, pattern: str, settings: dict[str, Any]) -> Path | None:
+    """A file of the cache named by an older digest whose fingerprint holds these settings.
+
+    A file is named by the digest of its stage's settings when it is written; a key that later
+    stops counting (a label, an execution key) changes the digest but not the model, and such a
+    file must still be found. Its fingerprint is what decides, not its name."""
+    for candidate in sorted(folder.glob(pattern)) if folder.is_dir() else ():
+        try:
+            saved = load_checkpoint(candidate).get("fingerprint")
+        except CheckpointError:
+            continue  # a damaged file is nobody's model (the exact name still reports it)
+        if isinstance(saved, dict) and not fingerprint.differences(saved.get("settings", {}), settings):
+            return candidate
+    return None
 
 
 class Experiment:
@@ -286,12 +305,15 @@ class Experiment:
         if not cfg.train.teacher_cache or name == Stage.student_kd:
             return None
         folder = Path(os.path.normpath(Path(cfg.train.teacher_cache).expanduser()))  # a study's <job>/..
-        own = fingerprint.digest(fingerprint.stage_settings(cfg, name))
-        path = folder / f"{name}-seed{cfg.seed}-{own}.pt"
-        if name != Stage.teacher:
+        settings = fingerprint.stage_settings(cfg, name)
+        path = folder / f"{name}-seed{cfg.seed}-{fingerprint.digest(settings)}.pt"
+        if path.exists():
             return path
-        legacy = folder / f"teacher-seed{cfg.seed}-{fingerprint.cache_digest(cfg)}.pt"
-        return legacy if legacy.exists() and not path.exists() else path
+        if name == Stage.teacher:
+            legacy = folder / f"teacher-seed{cfg.seed}-{fingerprint.cache_digest(cfg)}.pt"
+            if legacy.exists():
+                return legacy
+        return equivalent_in_cache(folder, f"{name}-seed{cfg.seed}-*.pt", settings) or path
 
     # --- what may be reused ----------------------------------------------------------------------
     def lock(self) -> None:

@@ -203,3 +203,40 @@ def test_a_checkpoint_holding_a_key_that_later_became_an_execution_key_is_reused
     # a key that shapes a stage still refuses
     saved = {"meta.inner_lr": 0.01, "dataset.test_split": "test"}
     assert fingerprint.differences(saved, {"meta.inner_lr": 0.05}) == ["meta.inner_lr: 0.01 -> 0.05"]
+
+
+def test_labels_do_not_change_a_fingerprint(compose):
+    """``meta=fomaml`` is ``meta.first_order=true`` under another name: one model, one fingerprint
+    (as ``meta=protonet`` and a study's ``meta.teacher_family=protonet`` are)."""
+    named = to_typed(compose(*TINY, "meta=fomaml"))
+    spelled = to_typed(compose(*TINY, "meta.first_order=true", "kd.name=my_label"))
+    assert named.meta.name != spelled.meta.name
+    for stage in Stage:
+        assert fingerprint.stage_settings(named, stage) == fingerprint.stage_settings(spelled, stage)
+    assert fingerprint.run_settings(named) == fingerprint.run_settings(spelled)
+    second_order = to_typed(compose(*TINY, "meta=maml"))
+    teacher = fingerprint.stage_settings(named, Stage.teacher)
+    assert fingerprint.differences(teacher, fingerprint.stage_settings(second_order, Stage.teacher)) == [
+        "meta.first_order: true -> false"
+    ]
+    # a given teacher (train.teacher_checkpoint) of meta=protonet is one of meta.teacher_family=protonet
+    assert fingerprint.differences({"meta.name": "protonet", "meta.family": "protonet"},
+                                   {"meta.name": "maml", "meta.family": "protonet"}) == []  # fmt: skip
+
+
+def test_a_finished_job_named_by_an_older_digest_is_still_finished(compose, tmp_path):
+    """A sweep job finished before a key stopped counting (a label) keeps its summary: its saved
+    settings decide, not the digest they were named by then."""
+    from metakd_run.pipeline import FINGERPRINT_FILE, finished_summary
+
+    cfg = to_typed(compose(*TINY))
+    now = fingerprint.run_settings(cfg)
+    (tmp_path / "summary.json").write_text(json.dumps({"objective": 0.5}))
+    older = {**now, "teacher.meta.name": "maml", "student_kd.kd.name": "mse"}
+    saved = {"digest": fingerprint.digest(older), "settings": older}
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(saved))
+    assert finished_summary(tmp_path, cfg) == {"objective": 0.5}
+    other = {**older, "teacher.meta.inner_lr": 0.5}
+    saved = {"digest": fingerprint.digest(other), "settings": other}
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps(saved))
+    assert finished_summary(tmp_path, cfg) is None

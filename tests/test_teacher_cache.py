@@ -131,3 +131,26 @@ def test_the_undistilled_student_is_shared_by_runs_that_vary_only_the_distillati
     obtained = json.loads((tmp_path / "c" / "timings.json").read_text())["obtained"]
     assert obtained["student_base"] == "trained"
     assert len(list(cache.glob("student_base-seed0-*.pt"))) == 2
+
+
+def test_a_cached_model_named_by_an_older_digest_is_found_by_its_fingerprint(run_cli, tmp_path):
+    """A file whose name no longer matches (written while a label still counted, say) is the same
+    model when its fingerprint holds this run's settings; a file of other settings is not."""
+    cache = tmp_path / "cache"
+    teacher_only = ["train.stages=[teacher]", f"train.teacher_cache={cache}"]
+    first = run_cli(*teacher_only, "meta=fomaml", run_dir=tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (written,) = cache.glob("teacher-*.pt")
+    older = cache / "teacher-seed0-0123456789abcdef.pt"
+    written.rename(older)
+
+    same = run_cli(*teacher_only, "meta.first_order=true", run_dir=tmp_path / "b")
+    assert same.returncode == 0, same.stderr[-2000:]
+    obtained = json.loads((tmp_path / "b" / "timings.json").read_text())["obtained"]
+    assert obtained["teacher"] == f"loaded: train.teacher_cache file {older}"
+    assert list(cache.glob("teacher-*.pt")) == [older]
+
+    other = run_cli(*teacher_only, run_dir=tmp_path / "c")  # second order: another model
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert json.loads((tmp_path / "c" / "timings.json").read_text())["obtained"]["teacher"] == "trained"
+    assert len(list(cache.glob("teacher-*.pt"))) == 2
