@@ -102,11 +102,9 @@ def finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    now = fingerprint.run_settings(cfg)
-    if saved.get("digest") != fingerprint.digest(now) and (
-        not isinstance(saved.get("settings"), dict) or fingerprint.differences(saved["settings"], now)
-    ):
-        return None  # (a digest of older keys, a label say, may name these very settings)
+    settings = saved.get("settings")  # its settings decide, not its digest (older keys, a label, named it)
+    if not isinstance(settings, dict) or fingerprint.differences(settings, fingerprint.run_settings(cfg)):
+        return None
     return summary if isinstance(summary, dict) and "objective" in summary else None
 
 
@@ -147,6 +145,7 @@ class Experiment:
         self.dtype = getattr(torch, str(cfg.dtype))
         self.src: Sources | None = None
         self.trainees: dict[str, Trainee] = {}
+        self.older_cached: dict[str, Path | None] = {}  # stage -> its cache file under an older name
         self.teacher_origin = ""
         self.tracker: Tracker | None = None
         self.fingerprints: dict[str, dict[str, Any]] = {}  # stage -> the settings that shape it
@@ -313,7 +312,9 @@ class Experiment:
             legacy = folder / f"teacher-seed{cfg.seed}-{fingerprint.cache_digest(cfg)}.pt"
             if legacy.exists():
                 return legacy
-        return equivalent_in_cache(folder, f"{name}-seed{cfg.seed}-*.pt", settings) or path
+        if name not in self.older_cached:  # the scan loads every file of the seed: once per stage
+            self.older_cached[name] = equivalent_in_cache(folder, f"{name}-seed{cfg.seed}-*.pt", settings)
+        return self.older_cached[name] or path
 
     # --- what may be reused ----------------------------------------------------------------------
     def lock(self) -> None:
